@@ -1,0 +1,1018 @@
+"""EPTS: Elastic Post-Training Sparsity -- a single-file reference implementation.
+
+Paper: Xu et al., "Elastic Post-Training Sparsity", KDD 2026, arXiv 2606.25285.
+
+One short block-wise optimization turns a pretrained causal LM (OPT, LLaMA) into a single *elastic* model
+that can be deployed at any unstructured sparsity s in [0, 0.7], instead of running SparseGPT or Wanda once
+per sparsity. Two ideas make it work:
+
+  * MS-HiLoRA (Eq. 2): every linear layer W gets one LoRA pair (B_k, A_k) per sparsity group k. The groups
+    are chained low -> high, so a sparsity s in group k uses
+        W_s = (W + sum_{j<=k} B_j A_j) * M(s)
+    where M(s) is the Wanda mask at s (Eq. 1). The delta is masked, so W_s is exactly as sparse as M(s).
+  * MSFM (Eq. 4): the next block is trained on a fixed mix of this block's outputs at several sparsities,
+        X_mix <- sum_k w_k * f(X_mix; W_{s_k}).
+
+The optimization runs block by block in two phases: Phase 1 learns the adapters with the guided objective
+(Eq. 3), Phase 2 mixes the features that feed the next block.
+
+This file reads in the paper's order:
+  0. Configuration        groups, ranks, mixer weights, optimizer settings (EPTSConfig)
+  1. Data                 calibration windows and evaluation tokens
+  2. Architecture map     which modules are the decoder blocks and which linears get pruned
+  3. Masks (Eq. 1)        Wanda score, per-row ranking, nested masks
+  4. MS-HiLoRA (Eq. 2)    group_of, elastic_weight, HiLoRALinear
+  5. Objective (Eq. 3)    recon_loss, phase1_objective
+  6. MSFM (Eq. 4)         mix_features
+  7. Block loop           capture_block_inputs, phase 1, low-group check, phase 2, optimize
+  8. Deploy               deploy, ElasticState save/load, export
+  9. Baselines            Wanda, magnitude (same capture + sequential block loop)
+ 10. Evaluation           perplexity
+ 11. Command line         main()
+
+Run:   python epts.py --model facebook/opt-125m
+Test:  python -m pytest -q test_epts.py
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+FORMAT_VERSION = 1
+
+
+class EPTSError(Exception):
+    """A user-facing error: the command line prints its message on one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 0. Configuration
+# ----------------------------------------------------------------------------------------------------------
+
+# The seven sparsity groups (lo, hi] of the paper. Group 0 covers the easy low sparsities, the others are
+# narrow because the reconstruction gets hard quickly above 40%. A sparsity of exactly 0 means "dense".
+GROUPS: tuple[tuple[float, float], ...] = (
+    (0.00, 0.40), (0.40, 0.45), (0.45, 0.50), (0.50, 0.55), (0.55, 0.60), (0.60, 0.65), (0.65, 0.70),
+)
+# MSFM weights w_k (Eq. 4): the high-sparsity outputs get more weight because they drift furthest from the
+# dense stream and the next block must learn to repair them.
+MIXER_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2)
+
+
+@dataclass
+class EPTSConfig:
+    """Everything that defines an EPTS run. Defaults follow the paper and the authors' reference code."""
+
+    groups: tuple[tuple[float, float], ...] = GROUPS
+    mixer: tuple[float, ...] = MIXER_WEIGHTS
+    rank: int = 8                    # LoRA rank r of every adapter pair (B_k, A_k)
+    epochs: int = 10
+    lr: float = 1e-3                 # Adam, cosine-annealed to 0 over epochs x steps
+    batch_size: int = 1
+    low_check_sparsity: float = 0.3  # where the low-group check compares adapter vs. mask only
+    seed: int = 0
+    amp: bool = True                 # bf16 autocast for the block's matmuls (CUDA only; fp32 on CPU)
+    reference_loop: bool = False     # True: one forward per group (plain loop); False: all groups batched
+
+    def validate(self) -> None:
+        validate_groups(self.groups)
+        if len(self.mixer) != len(self.groups):
+            raise EPTSError(f"mixer has {len(self.mixer)} weights but there are {len(self.groups)} groups")
+        if any(w < 0 for w in self.mixer) or abs(sum(self.mixer) - 1.0) > 1e-6:
+            raise EPTSError(f"mixer weights must be non-negative and sum to 1, got {list(self.mixer)}")
+        if self.rank <= 0:
+            raise EPTSError(f"--rank must be positive, got {self.rank}")
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise EPTSError(f"--epochs and --batch-size must be positive, got {self.epochs}, {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise EPTSError(f"--lr must be a positive number, got {self.lr}")
+
+
+def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
+    """Groups must tile (0, hi_last] without gaps or overlaps: 0 = lo_0 < hi_0 = lo_1 < hi_1 = ... <= 1."""
+    if not groups:
+        raise EPTSError("at least one sparsity group is needed")
+    if groups[0][0] != 0:
+        raise EPTSError(f"the first group must start at 0, got {groups[0]}")
+    for k, (lo, hi) in enumerate(groups):
+        if not lo < hi <= 1:
+            raise EPTSError(f"group {k} = ({lo}, {hi}] is empty or exceeds 1; groups must be increasing")
+        if k and lo != groups[k - 1][1]:
+            raise EPTSError(f"groups must be contiguous and increasing: group {k - 1} ends at "
+                            f"{groups[k - 1][1]} but group {k} starts at {lo}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Data
+# ----------------------------------------------------------------------------------------------------------
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize a whole corpus once (the length warning of the tokenizer does not apply to corpora)."""
+    saved, tokenizer.model_max_length = tokenizer.model_max_length, int(1e12)
+    try:
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    finally:
+        tokenizer.model_max_length = saved
+
+
+def _hub_dataset(*args, **kwargs):
+    try:
+        from datasets import load_dataset  # lazy: only hub datasets need it
+    except ImportError as e:
+        raise EPTSError("hub datasets need the `datasets` package (pip install datasets), "
+                        "or pass a path to a local text file") from e
+    return load_dataset(*args, **kwargs)
+
+
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise EPTSError(f"'{path}' is neither a known dataset (c4, wikitext2) nor a text file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, name: str) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens from one token stream -> LongTensor [nsamples, seqlen]."""
+    if tokens.numel() < nsamples * seqlen:
+        raise EPTSError(f"calibration text '{name}' has {tokens.numel()} tokens, fewer than "
+                        f"nsamples x seqlen = {nsamples} x {seqlen}; use a longer text or smaller values")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, tokens.numel() - seqlen) for _ in range(nsamples)]
+    return torch.stack([tokens[i:i + seqlen] for i in starts])
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Calibration data -> LongTensor [nsamples, seqlen].
+
+    c4: SparseGPT/Wanda's protocol (random documents longer than seqlen from the first train shard, one
+    random window each); wikitext2: random windows of the raw train split; anything else: a local text file.
+    """
+    if nsamples <= 0:
+        raise EPTSError(f"--nsamples must be positive, got {nsamples}")
+    if source == "c4":
+        docs = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                            split="train")
+        rng, windows = random.Random(seed), []
+        while len(windows) < nsamples:
+            ids = _tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)]["text"])
+            if ids.numel() > seqlen:
+                start = rng.randint(0, ids.numel() - seqlen - 1)
+                windows.append(ids[start:start + seqlen])
+        return torch.stack(windows)
+    if source == "wikitext2":
+        text = "\n\n".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train")["text"])
+    else:
+        text = _read_text(source)
+    return random_windows(_tokenize(tokenizer, text), nsamples, seqlen, seed, source)
+
+
+def eval_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
+    """Evaluation text tokenized once -> LongTensor [n_tokens] (the papers' protocol).
+
+    wikitext2: the raw test split joined by "\\n\\n"; c4: the first 1100 validation documents joined by " ",
+    truncated to 256 windows (as SparseGPT); anything else: a local text file, whole.
+    """
+    if source == "wikitext2":
+        text = "\n\n".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    elif source == "c4":
+        docs = _hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                            split="validation")
+        return _tokenize(tokenizer, " ".join(docs[:1100]["text"]))[: 256 * seqlen]
+    else:
+        text = _read_text(source)
+    return _tokenize(tokenizer, text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Architecture map
+# ----------------------------------------------------------------------------------------------------------
+
+# model_type -> (attribute path of the decoder blocks, the linears of one block that get pruned).
+# Embeddings, norms and lm_head are never pruned. To support another decoder-only family, add a row here.
+ARCHS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "opt": ("model.decoder.layers",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
+    "llama": ("model.layers",
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+}
+
+
+def arch_of(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in ARCHS:
+        raise EPTSError(f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}. "
+                        "To add one, put its decoder-block path and linear names in ARCHS in epts.py")
+    return ARCHS[model_type]
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_of(model)[0])
+
+
+def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every pruned linear, keyed "<block index>.<name in block>" (e.g. "3.self_attn.q_proj")."""
+    names = arch_of(model)[1]
+    return {f"{i}.{n}": block.get_submodule(n) for i, block in enumerate(decoder_blocks(model)) for n in names}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Masks (Eq. 1): Wanda score, ranked once per row, so masks at all sparsities are nested
+# ----------------------------------------------------------------------------------------------------------
+
+def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: S_ij = |W_ij| * ||X_j||_2, with ||X_j||_2 the L2 norm of input feature j over calibration tokens."""
+    return weight.abs().float() * act_norm.float().view(1, -1)
+
+
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every weight inside its output row: 0 = lowest score. Ties are broken by column (stable sort).
+
+    A single ranking per layer yields the mask at any sparsity, and makes masks nested by construction.
+    """
+    order = torch.argsort(scores, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks.to(torch.int16 if scores.shape[1] < 2 ** 15 else torch.int32)  # a quarter of int64's memory
+
+
+def prune_count(sparsity: float | torch.Tensor, in_features: int) -> int | torch.Tensor:
+    """Weights removed per row: floor(s * in). The 1e-6 guards against 0.29 * 100 = 28.999999999999996."""
+    if isinstance(sparsity, torch.Tensor):
+        return torch.floor(sparsity.double() * in_features + 1e-6).long()
+    return math.floor(sparsity * in_features + 1e-6)
+
+
+def mask_from_ranks(ranks: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """M(s): keep the weights whose row rank is >= floor(s * in), i.e. drop each row's lowest-scoring ones."""
+    return ranks >= prune_count(sparsity, ranks.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. MS-HiLoRA (Eq. 2): W_s = (W + sum_{j<=k} B_j A_j) * M(s) for s in group k
+# ----------------------------------------------------------------------------------------------------------
+
+def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) -> int | None:
+    """The group k with lo_k < s <= hi_k; None for s = 0 (dense); an error outside [0, hi_last]."""
+    if not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
+        raise EPTSError(f"sparsity must be a number, got {sparsity!r}")
+    if sparsity == 0:
+        return None
+    for k, (lo, hi) in enumerate(groups):
+        if lo < sparsity <= hi:
+            return k
+    raise EPTSError(f"sparsity {sparsity} is outside the trained range [0, {groups[-1][1]}]")
+
+
+def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   sparsity: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 for G (sparsity, group) pairs at once -> [G, out, in].
+
+        W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g),   group_g = -1 meaning "no adapter".
+
+    weight [out, in], ranks [out, in] (row_ranks), A [K, r, in], B [K, out, r], sparsity [G], group [G] long.
+    The cumulative sum over groups is the inheritance chain: a high-sparsity group reuses the adapters of
+    every lower group and adds its own. Masking the delta keeps W_g exactly as sparse as M(s).
+    """
+    chain = torch.cumsum(torch.bmm(B, A), dim=0)                        # [K, out, in]: sum_{j<=k} B_j A_j
+    delta = chain[group.clamp(min=0)] * (group >= 0).view(-1, 1, 1)      # [G, out, in]
+    keep = ranks.unsqueeze(0) >= prune_count(sparsity, ranks.shape[1]).view(-1, 1, 1)
+    return (weight.unsqueeze(0) + delta) * keep
+
+
+class HiLoRALinear(nn.Module):
+    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA).
+
+    `route(sparsity, group)` selects G (sparsity, group) pairs; the input's leading batch dimension is split
+    into G equal slices and slice g is multiplied by W_g (Eq. 2). G = 1 is the ordinary layer; G = K runs all
+    groups of a Phase-1 step in one batched forward pass of the whole block.
+    """
+
+    def __init__(self, base: nn.Linear, ranks: torch.Tensor, n_groups: int, rank: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base  # kept so the block can be restored; its parameters stay frozen
+        out_f, in_f = base.weight.shape
+        self.register_buffer("ranks", ranks, persistent=False)
+        A = torch.empty(n_groups, rank, in_f)
+        for k in range(n_groups):  # Kaiming-uniform(a=sqrt(5)) per A_k, as LoRA; fan_in is in_f
+            nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
+        self.A = nn.Parameter(A.to(base.weight.device))
+        self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=base.weight.device))  # B = 0: no-op at init
+        self.sparsity = torch.zeros(1, dtype=torch.float64, device=base.weight.device)
+        self.group = torch.full((1,), -1, dtype=torch.long, device=base.weight.device)
+
+    def route(self, sparsity: torch.Tensor, group: torch.Tensor) -> None:
+        self.sparsity, self.group = sparsity, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = elastic_weight(self.base.weight, self.ranks, self.A, self.B, self.sparsity, self.group)
+        G, (out_f, in_f) = W.shape[0], self.base.weight.shape
+        y = torch.bmm(x.reshape(G, -1, in_f), W.transpose(1, 2))  # slice g of the batch times W_g^T
+        if self.base.bias is not None:
+            y = y + self.base.bias
+        return y.reshape(*x.shape[:-1], out_f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Objective (Eq. 3): block reconstruction, guided by the lowest-sparsity output
+# ----------------------------------------------------------------------------------------------------------
+
+def recon_loss(P: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """l(P, T) = ((P - T)^2).sum(over tokens).mean()  -- the authors' scale.
+
+    P, T: [..., batch, tokens, hidden]; the result keeps the leading dims (one loss per group when stacked).
+    """
+    return (P.float() - T.float()).pow(2).sum(dim=-2).mean(dim=(-2, -1))
+
+
+def phase1_objective(outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3 over the K group outputs O_k = f(X_mix; W_{s_k}) stacked as [K, batch, tokens, hidden]:
+
+        L_0 = l(O_0, Y),   L_k = 1/2 l(O_k, sg(O_0)) + 1/2 l(O_k, Y)  for k >= 1,   loss = sum_k L_k
+
+    sg is stop-gradient: the lowest-sparsity output guides the others without being pulled towards them.
+    Returns (loss, per-group losses detached).
+    """
+    to_target = recon_loss(outputs, target.unsqueeze(0))
+    to_guide = recon_loss(outputs[1:], outputs[:1].detach())
+    per_group = torch.cat([to_target[:1], 0.5 * to_guide + 0.5 * to_target[1:]])
+    return per_group.sum(), per_group.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. MSFM (Eq. 4): the next block learns from a mix of this block's outputs at several sparsities
+# ----------------------------------------------------------------------------------------------------------
+
+def mix_features(outputs: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Eq. 4: X_mix = sum_k w_k * O_k, outputs stacked as [K, ...]."""
+    w = torch.tensor(weights, dtype=outputs.dtype, device=outputs.device)
+    return torch.tensordot(w, outputs, dims=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Block loop: capture block 0's inputs once, then optimize block by block
+# ----------------------------------------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    pass
+
+
+def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move the tensors of a (nested) argument structure; floating tensors optionally cast to `dtype`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block 0 for every window and record what block 0 is called with.
+
+    Returns (hidden states [N, seqlen, hidden] on `device`, the keyword arguments of block 0's call: the
+    attention mask, `position_embeddings`, position ids, cache flags -- whatever the installed transformers
+    passes). Captured with batch 1, they broadcast over any batch, so every block can be called with them.
+    Only the modules before block 0 are moved to `device`; the blocks stay where they were loaded.
+    """
+    blocks, kwargs, hidden = decoder_blocks(model), {}, []
+
+    def hook(module, args, kw):
+        x = args[0] if args else kw["hidden_states"]
+        hidden.append(x.to(device, dtype))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _StopForward
+
+    # Run the pre-block modules on the CPU copy of the model: for a 7B model only the embeddings matter.
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for w in windows:
+            try:
+                model(w.view(1, -1).to(model.device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden), kwargs
+
+
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Call a decoder block with captured kwargs; older transformers return a tuple, 5.x a tensor."""
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict,
+                            batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Y = f(X; W) for the dense block, and ||X_j||_2 of the inputs of every pruned linear (Wanda's statistic)."""
+    sq = {n: 0.0 for n in names}
+
+    def make_hook(n):
+        def hook(module, args):
+            x = args[0].detach().float()
+            sq[n] = sq[n] + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        Y = torch.cat([call_block(block, X[i:i + batch_size], kwargs) for i in range(0, len(X), batch_size)])
+    finally:
+        for h in handles:
+            h.remove()
+    return Y, {n: v.sqrt() for n, v in sq.items()}
+
+
+def stratified_draws(groups: Sequence[tuple[float, float]], steps: int, generator: torch.Generator
+                     ) -> torch.Tensor:
+    """Sparsities for every Phase-1 step and group -> float64 [steps, K].
+
+    Group k = (lo, hi] is split into `steps` equal sub-intervals, they are shuffled, and step t draws uniformly
+    inside its sub-interval: every part of the group is visited once, in random order.
+    """
+    cols = []
+    for lo, hi in groups:
+        slot = torch.randperm(steps, generator=generator).double()
+        u = torch.rand(steps, generator=generator, dtype=torch.float64)
+        cols.append(hi - (slot + u) / steps * (hi - lo))  # in (lo, hi]
+    return torch.stack(cols, dim=1)
+
+
+def uniform_draws(groups: Sequence[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
+    """One sparsity drawn uniformly inside each group (lo, hi] -> float64 [K] (used by Phase 2)."""
+    lo, hi = torch.tensor(groups, dtype=torch.float64).T
+    return hi - torch.rand(len(groups), generator=generator, dtype=torch.float64) * (hi - lo)
+
+
+def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch.Tensor], cfg: EPTSConfig,
+                  generator: torch.Generator) -> dict[str, HiLoRALinear]:
+    """Replace each pruned linear of `block` by a HiLoRALinear (ranks from the dense Wanda scores)."""
+    layers = {}
+    for n in names:
+        base = block.get_submodule(n)
+        ranks = row_ranks(wanda_scores(base.weight, norms[n]))
+        layers[n] = HiLoRALinear(base, ranks, len(cfg.groups), cfg.rank, generator)
+        parent, _, child = n.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, layers[n])
+    return layers
+
+
+def detach_hilora(block: nn.Module, layers: dict[str, HiLoRALinear]) -> None:
+    for n, layer in layers.items():
+        parent, _, child = n.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, layer.base)
+
+
+def route_all(layers: dict[str, HiLoRALinear], sparsity: torch.Tensor, group: torch.Tensor) -> None:
+    for layer in layers.values():
+        layer.route(sparsity, group)
+
+
+def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
+                   sparsity: torch.Tensor, group: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """O_g = f(x; W_{s_g}) for G (sparsity, group) pairs -> [G, *x.shape].
+
+    Fast path: repeat x G times along the batch and run the block once; every HiLoRALinear applies slice g's
+    weight to slice g. Attention, norms and activations act per sample, so this equals G separate forwards.
+    Reference path (`reference=True`): the plain loop of G separate forwards.
+    """
+    if reference:
+        outs = []
+        for g in range(len(group)):
+            route_all(layers, sparsity[g:g + 1], group[g:g + 1])
+            outs.append(call_block(block, x, kwargs))
+        return torch.stack(outs)
+    route_all(layers, sparsity, group)
+    G = len(group)
+    return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
+
+
+@dataclass
+class BlockReport:
+    """What happened while optimizing one block (kept in the elastic state, shown by the CLI)."""
+
+    loss_history: list[list[float]] = field(default_factory=list)  # per epoch, mean Phase-1 loss per group
+    low_group_enabled: bool = True
+    low_check: dict[str, float] = field(default_factory=dict)      # l at s=0.3: with / without adapter
+    mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
+    seconds: float = 0.0
+
+
+def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
+                 kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, block_index: int = 0,
+                 progress: tqdm | None = None) -> list[list[float]]:
+    """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
+
+    For every batch, every group k draws s_k (stratified), O_k = f(X_mix; W_{s_k}) and the guided losses are
+    summed; one Adam step (cosine-annealed lr) follows. Returns the mean loss per group for every epoch.
+    """
+    device, K = X_mix.device, len(cfg.groups)
+    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+    batches = [(i, min(i + cfg.batch_size, len(X_mix))) for i in range(0, len(X_mix), cfg.batch_size)]
+    total = cfg.epochs * len(batches)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)
+    draws = stratified_draws(cfg.groups, total, generator).to(device)   # all draws up front: no host syncs
+    group = torch.arange(K, device=device)
+    amp = cfg.amp and device.type == "cuda"
+    history, step = [], 0
+    for epoch in range(cfg.epochs):
+        epoch_loss = torch.zeros(K, device=device)
+        for a, b in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = forward_groups(block, layers, X_mix[a:b], kwargs, draws[step], group, cfg.reference_loop)
+                loss, per_group = phase1_objective(outputs, Y[a:b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            epoch_loss += per_group
+            step += 1
+            if progress is not None:
+                progress.update(1)
+        mean = (epoch_loss / len(batches)).tolist()  # one host sync per epoch
+        bad = [k for k, v in enumerate(mean) if not math.isfinite(v)]
+        if bad:
+            raise EPTSError(f"Phase-1 loss became {mean[bad[0]]} in block {block_index}, group {bad[0]} "
+                            f"(epoch {epoch}); try a lower --lr or --dtype float32 / --no-amp")
+        history.append(mean)
+        if progress is not None:
+            progress.set_postfix(block=block_index, epoch=epoch, loss=f"{sum(mean):.4g}")
+    return history
+
+
+@torch.no_grad()
+def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
+                    kwargs: dict, cfg: EPTSConfig) -> tuple[bool, dict[str, float]]:
+    """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
+    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=X_dense.device)
+    group = torch.tensor([0, -1], device=X_dense.device)  # with the group-0 adapter / mask only
+    loss = torch.zeros(2, device=X_dense.device, dtype=torch.float64)
+    for i in range(0, len(X_dense), cfg.batch_size):
+        out = forward_groups(block, layers, X_dense[i:i + cfg.batch_size], kwargs, s, group)
+        loss += recon_loss(out, Y[i:i + cfg.batch_size].unsqueeze(0)).double() * len(out[0])
+    with_adapter, mask_only = (loss / len(X_dense)).tolist()
+    return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
+
+
+@torch.no_grad()
+def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, kwargs: dict,
+               cfg: EPTSConfig, generator: torch.Generator, low_group_enabled: bool
+               ) -> tuple[torch.Tensor, list[float]]:
+    """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4)."""
+    s = uniform_draws(cfg.groups, generator)
+    group = torch.arange(len(cfg.groups))
+    if not low_group_enabled:
+        group[0] = -1  # deploy in group 0 uses the mask only, so the next block must see exactly that
+    s, group = s.to(X_mix.device), group.to(X_mix.device)
+    mixed = torch.empty_like(X_mix)
+    for i in range(0, len(X_mix), cfg.batch_size):
+        outputs = forward_groups(block, layers, X_mix[i:i + cfg.batch_size], kwargs, s, group)
+        mixed[i:i + cfg.batch_size] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
+    return mixed, s.tolist()
+
+
+@dataclass
+class ElasticState:
+    """The elastic model minus its base weights: everything needed to deploy at any sparsity.
+
+    adapters[key] = (A [K, r, in], B [K, out, r]); act_norms[key] = ||X_j||_2 [in] of the dense inputs;
+    key = "<block>.<linear>". The masks are re-derived from the base weights and the norms.
+    """
+
+    groups: list[tuple[float, float]]
+    mixer: list[float]
+    rank: int
+    base_model: str = ""
+    fingerprint: dict = field(default_factory=dict)
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    reports: list[BlockReport] = field(default_factory=list)
+
+    @property
+    def low_group_enabled(self) -> list[bool]:
+        return [r.low_group_enabled for r in self.reports]
+
+
+def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor, X_mix: torch.Tensor,
+                   kwargs: dict, cfg: EPTSConfig, block_index: int, progress: tqdm | None = None
+                   ) -> tuple[dict, dict, BlockReport, torch.Tensor, torch.Tensor]:
+    """Both phases for one block (already on the compute device, in fp32).
+
+    Returns (adapters, act_norms, report, next X_dense = Y, next X_mix).
+    """
+    t0 = time.perf_counter()
+    # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
+    Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, cfg.batch_size)
+    trainable = {p: p.requires_grad for p in block.parameters()}
+    block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
+    layers = attach_hilora(block, names, norms, cfg, generator)
+    try:
+        report = BlockReport()
+        report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, block_index, progress)
+        report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
+        X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
+                                                  report.low_group_enabled)
+        adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
+    finally:
+        detach_hilora(block, layers)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    if X_mix.device.type == "cuda":
+        torch.cuda.synchronize()
+    report.seconds = time.perf_counter() - t0
+    return adapters, {n: v.cpu() for n, v in norms.items()}, report, Y, X_mix
+
+
+def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: str | torch.device = "cpu",
+             base_model: str = "", verbose: bool = True) -> ElasticState:
+    """EPTS: capture block 0's inputs, then for every block run Phase 1, the low-group check and Phase 2.
+
+    Only the current block is moved to `device` (in fp32); the rest of the model stays where it was loaded.
+    """
+    cfg.validate()
+    device = torch.device(device)
+    _, names = arch_of(model)
+    model.eval()
+    X_dense, kwargs = capture_block_inputs(model, windows, device)
+    kwargs = _to(kwargs, device, torch.float32)
+    X_mix = X_dense.clone()  # block 0: both streams are the embeddings output
+    state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
+                         base_model=base_model, fingerprint=fingerprint(model))
+    blocks = decoder_blocks(model)
+    steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
+    with tqdm(total=steps * len(blocks), desc="EPTS", unit="step", disable=not verbose) as progress:
+        for i, block in enumerate(blocks):
+            home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
+            block.to(device, torch.float32)
+            adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg,
+                                                                     i, progress)
+            block.to(home, home_dtype)
+            state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
+            state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
+            state.reports.append(report)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Deploy: one elastic state -> an ordinary transformers model at any sparsity
+# ----------------------------------------------------------------------------------------------------------
+
+def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every pruned linear's dense weight: deploy always starts from these."""
+    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Identify the base weights: a hash of the pruned linears' shapes plus a few weight statistics.
+
+    Statistics instead of a byte hash so the same model loaded in fp32, fp16 or bf16 matches.
+    """
+    lins = pruned_linears(model)
+    shapes = json.dumps({k: list(v.weight.shape) for k, v in lins.items()}, sort_keys=True)
+    probe_keys = sorted(lins)[:: max(1, len(lins) // 8)]
+    probe = [float(lins[k].weight.detach().float().abs().mean()) for k in probe_keys]
+    return {"shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16], "probe": probe}
+
+
+def check_fingerprint(state: ElasticState, model: nn.Module, model_name: str) -> None:
+    fp = fingerprint(model)
+    same = fp["shapes"] == state.fingerprint.get("shapes") and len(fp["probe"]) == len(
+        state.fingerprint.get("probe", [])) and all(
+        math.isclose(a, b, rel_tol=1e-2) for a, b in zip(fp["probe"], state.fingerprint["probe"]))
+    if not same:
+        raise EPTSError(f"the elastic state was made for base model '{state.base_model}', "
+                        f"but '{model_name}' has different weights")
+
+
+def per_block_sparsities(sparsity: float | Sequence[float], n_blocks: int) -> list[float]:
+    if isinstance(sparsity, (int, float)):
+        return [float(sparsity)] * n_blocks
+    sparsity = [float(s) for s in sparsity]
+    if len(sparsity) != n_blocks:
+        raise EPTSError(f"got {len(sparsity)} per-block sparsities for a model with {n_blocks} blocks")
+    return sparsity
+
+
+@torch.no_grad()
+def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[float],
+           dense: dict[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
+    """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2).
+
+    `sparsity` is one number or one per block (non-uniform deployment). `dense` is `snapshot_linears(model)`
+    taken before the first deploy: masks and merged weights always start from the dense weights.
+    The result is a plain transformers model with exactly floor(s * in) zeros in every row.
+    """
+    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
+    for key, lin in pruned_linears(model).items():
+        i = int(key.split(".", 1)[0])
+        s = per_block[i]
+        k = group_of(s, state.groups)
+        W = dense[key].to(device or lin.weight.device, torch.float32)
+        if k is not None:
+            if k == 0 and not state.low_group_enabled[i]:
+                k = -1
+            A, B = (t.to(W.device) for t in state.adapters[key])
+            ranks = row_ranks(wanda_scores(W, state.act_norms[key].to(W.device)))
+            W = elastic_weight(W, ranks, A, B, torch.tensor([s], dtype=torch.float64, device=W.device),
+                               torch.tensor([k], device=W.device))[0]
+        lin.weight.copy_(W.to(lin.weight.dtype))
+    return model
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over all pruned linears."""
+    zeros = total = 0
+    for lin in pruned_linears(model).values():
+        zeros += int((lin.weight == 0).sum())
+        total += lin.weight.numel()
+    return zeros / total
+
+
+def save_elastic(state: ElasticState, path: str) -> None:
+    """safetensors (adapters, norms) + a JSON header in its metadata: no pickle, no base weights, no masks."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for key, (A, B) in state.adapters.items():
+        tensors[f"{key}.A"], tensors[f"{key}.B"] = A.contiguous(), B.contiguous()
+    tensors.update({f"{key}.act_norm": v.contiguous() for key, v in state.act_norms.items()})
+    header = {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
+              "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
+              "reports": [asdict(r) for r in state.reports]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"epts": json.dumps(header)})
+    os.replace(tmp, path)  # atomic: a crash never leaves half an artifact
+
+
+def load_elastic(path: str) -> ElasticState:
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise EPTSError(f"no elastic state at '{path}'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("epts", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 -- any parse failure means "not an artifact"
+        raise EPTSError(f"'{path}' is not an EPTS elastic state ({e})") from e
+    if header.get("format") != "epts":
+        raise EPTSError(f"'{path}' is not an EPTS elastic state")
+    if header.get("version", 0) > FORMAT_VERSION:
+        raise EPTSError(f"'{path}' has format version {header['version']}; this epts.py reads up to "
+                        f"{FORMAT_VERSION} -- update epts.py")
+    state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
+                         base_model=header["base_model"], fingerprint=header["fingerprint"],
+                         reports=[BlockReport(**r) for r in header["reports"]])
+    for name in tensors:
+        if name.endswith(".act_norm"):
+            key = name[: -len(".act_norm")]
+            state.act_norms[key] = tensors[name]
+            state.adapters[key] = (tensors[f"{key}.A"], tensors[f"{key}.B"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Baselines: Wanda and magnitude pruning in the same harness (same masks, no adapters)
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def prune_magnitude(model: nn.Module, sparsity: float) -> nn.Module:
+    """Row-wise magnitude pruning: S_ij = |W_ij| (no data)."""
+    for lin in pruned_linears(model).values():
+        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), sparsity)
+        lin.weight.mul_(keep.to(lin.weight.dtype))
+    return model
+
+
+@torch.no_grad()
+def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float, device: str | torch.device = "cpu",
+                batch_size: int = 8, verbose: bool = True) -> nn.Module:
+    """Wanda, sequential as in its paper: block by block, the norms ||X_j|| come from the *pruned* stream.
+
+    For each block: collect the input norms of its linears on the current stream, prune every linear with
+    the row-wise mask of Eq. 1, then recompute the block's outputs with the pruned weights for the next block.
+    """
+    device = torch.device(device)
+    _, names = arch_of(model)
+    model.eval()
+    X, kwargs = capture_block_inputs(model, windows, device)
+    kwargs = _to(kwargs, device, torch.float32)
+    for block in tqdm(decoder_blocks(model), desc=f"Wanda {sparsity:.2f}", unit="block", disable=not verbose):
+        home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
+        block.to(device, torch.float32)
+        _, norms = dense_targets_and_norms(block, names, X, kwargs, batch_size)
+        for n in names:
+            lin = block.get_submodule(n)
+            lin.weight.mul_(mask_from_ranks(row_ranks(wanda_scores(lin.weight, norms[n])), sparsity))
+        X = torch.cat([call_block(block, X[i:i + batch_size], kwargs) for i in range(0, len(X), batch_size)])
+        block.to(home, home_dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, device: str | torch.device | None = None,
+               batch_size: int = 8, verbose: bool = False) -> float:
+    """ppl = exp(mean token NLL) over the non-overlapping windows of `seqlen` tokens (the remainder is dropped)."""
+    n = tokens.numel() // seqlen
+    if n == 0:
+        raise EPTSError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    device = device or model.device
+    windows = tokens[: n * seqlen].view(n, seqlen)
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, n, batch_size), desc="ppl", unit="batch", disable=not verbose, leave=False):
+        ids = windows[i:i + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits.float()
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warnings.warn("no GPU found: running on the CPU (slow for real models)")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EPTSError(f"--device {name} was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: bool = False,
+               verbose: bool = True):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    if not verbose:
+        hf_logging.disable_progress_bar()
+    if dtype == "auto":  # fp32 on the CPU; the checkpoint's own dtype (usually fp16/bf16) on a GPU
+        torch_dtype = torch.float32 if device.type == "cpu" else "auto"
+    else:
+        torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise EPTSError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
+    arch_of(model)
+    model.eval()
+    return model, tokenizer
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].")
+    p.add_argument("--model", required=True, help="HF hub name or local path (OPT or LLaMA family)")
+    p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text file (default c4)")
+    p.add_argument("--eval", nargs="+", default=["wikitext2"], help="wikitext2 | c4 | text file paths")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=None, help="default: min(2048, max_position_embeddings)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--method", choices=["epts", "wanda", "magnitude"], default="epts")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
+    p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", help="write the elastic state (safetensors) here")
+    p.add_argument("--load", help="load an elastic state instead of optimizing")
+    p.add_argument("--export-sparsity", type=float, help="deploy at this sparsity and save_pretrained it")
+    p.add_argument("--export-dir", help="where --export-sparsity writes the model")
+    p.add_argument("--json-out", help="write the results as JSON here")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _short(name: str) -> str:
+    return os.path.basename(name.rstrip("/")) or name
+
+
+def print_table(rows: list[dict], evals: Sequence[str]) -> None:
+    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{_short(e)[:14]:>14}" for e in evals) + f" {'seconds':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ppl = " ".join(f"{r['ppl'][e]:>14.3f}" for e in evals)
+        print(f"{r['sparsity']:>8.2f} {r['achieved_sparsity']:>9.4f} {ppl} {r['seconds']:>8.1f}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    for s in args.sparsities + ([args.export_sparsity] if args.export_sparsity is not None else []):
+        group_of(s, GROUPS)
+    if args.export_sparsity is not None and not args.export_dir:
+        raise EPTSError("--export-sparsity needs --export-dir")
+    cfg = EPTSConfig(rank=args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                     amp=not args.no_amp, reference_loop=args.reference_loop)
+    cfg.validate()
+    if args.nsamples <= 0:
+        raise EPTSError(f"--nsamples must be positive, got {args.nsamples}")
+    model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
+    max_pos = getattr(model.config, "max_position_embeddings", 2048)
+    seqlen = args.seqlen or min(2048, max_pos)
+    if seqlen > max_pos:
+        raise EPTSError(f"--seqlen {seqlen} is above the model's max_position_embeddings {max_pos}")
+    verbose = not args.quiet
+    state = load_elastic(args.load) if args.load else None
+    if state is not None:
+        check_fingerprint(state, model, args.model)
+    needs_calib = args.method == "wanda" or (args.method == "epts" and state is None)
+    windows = calibration_windows(tokenizer, args.calib, args.nsamples, seqlen, args.seed) if needs_calib else None
+    result = {"model": args.model, "method": args.method, "config": {**vars(args), "seqlen": seqlen},
+              "dense": {}, "results": [], "optimize_seconds": 0.0}
+    if args.method == "epts" and state is None:
+        t0 = time.perf_counter()
+        state = optimize(model, windows, cfg, device, base_model=args.model, verbose=verbose)
+        result["optimize_seconds"] = time.perf_counter() - t0
+        if args.save:
+            save_elastic(state, args.save)
+        result["low_group_enabled"] = state.low_group_enabled
+    dense = snapshot_linears(model)
+    if args.export_sparsity is not None:
+        if args.method != "epts":
+            raise EPTSError("--export-sparsity exports the elastic model; use it with --method epts")
+        deploy(model, state, args.export_sparsity, dense, device)
+        model.save_pretrained(args.export_dir)
+        tokenizer.save_pretrained(args.export_dir)
+        print(f"exported sparsity {args.export_sparsity} (achieved {measured_sparsity(model):.4f}) "
+              f"to {args.export_dir}")
+        if not args.eval or args.eval == ["none"]:
+            return result
+    evals = [e for e in args.eval if e != "none"]
+    tokens = {e: eval_tokens(tokenizer, e, seqlen) for e in evals}
+    model.to(device)
+
+    def evaluate() -> dict[str, float]:
+        return {e: perplexity(model, tokens[e], seqlen, device, args.eval_batch_size, verbose) for e in evals}
+
+    result["dense"] = evaluate()
+    rows = [{"sparsity": 0.0, "achieved_sparsity": measured_sparsity(model), "ppl": result["dense"], "seconds": 0.0}]
+    for s in args.sparsities:
+        t0 = time.perf_counter()
+        if args.method == "epts":
+            deploy(model, state, s, dense, device)
+        else:
+            for key, lin in pruned_linears(model).items():  # every baseline starts from the dense model
+                lin.weight.data.copy_(dense[key])
+            if args.method == "wanda":
+                model.cpu()
+                prune_wanda(model, windows, s, device, verbose=verbose)
+                model.to(device)
+            else:
+                prune_magnitude(model, s)
+        seconds = time.perf_counter() - t0
+        result["results"].append({"sparsity": s, "achieved_sparsity": measured_sparsity(model), "ppl": evaluate(),
+                                  "seconds": seconds})
+    print(f"\n{args.method} on {args.model} (seqlen {seqlen}); optimize {result['optimize_seconds']:.1f}s")
+    print_table(rows + result["results"], evals)
+    if args.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except EPTSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

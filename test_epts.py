@@ -1,0 +1,464 @@
+"""Tests for epts.py on tiny random OPT and LLaMA models (CPU, seconds). Each test states one property of EPTS.
+
+Run:  python -m pytest -q test_epts.py
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import epts
+
+HERE = Path(__file__).resolve().parent
+WORDS = ("the a model weight sparse dense block layer group mask rank adapter token loss mix feature "
+         "prune train deploy elastic low high row column score norm input output text data batch step").split()
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+def tiny_model(arch: str, n_layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model; init std 0.2 so that pruning visibly changes the outputs."""
+    torch.manual_seed(seed)
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=n_layers, ffn_dim=64, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.2, dropout=0.0)
+        model = OPTForCausalLM(cfg)
+    else:  # LLaMA with grouped-query attention: 4 query heads share 2 key/value heads
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=n_layers, intermediate_size=64,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          initializer_range=0.2)
+        model = LlamaForCausalLM(cfg)
+    return model.eval()
+
+
+def synthetic_text(n_words: int, seed: int = 0) -> str:
+    """Text with structure (each word prefers a few successors) so that a model has something to learn."""
+    rng = random.Random(seed)
+    succ = {w: rng.sample(WORDS, 3) for w in WORDS}
+    w, out = WORDS[0], []
+    for _ in range(n_words):
+        out.append(w)
+        w = rng.choice(succ[w]) if rng.random() < 0.9 else rng.choice(WORDS)
+    return " ".join(out)
+
+
+def save_tiny(arch: str, path: Path) -> Path:
+    """A tiny model + a word-level tokenizer saved in HF format, loadable by from_pretrained without network."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    fast.save_pretrained(path)
+    tiny_model(arch).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    return torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def block0_io(model, windows):
+    """Block 0's captured inputs X, call kwargs and dense outputs Y."""
+    X, kwargs = epts.capture_block_inputs(model, windows)
+    Y = epts.call_block(epts.decoder_blocks(model)[0], X, kwargs)
+    return X, kwargs, Y
+
+
+def hilora_block(model, X, kwargs, rank=4, seed=0):
+    """Block 0 with its linears wrapped by HiLoRALinear (dense norms from X)."""
+    block = epts.decoder_blocks(model)[0]
+    names = epts.arch_of(model)[1]
+    _, norms = epts.dense_targets_and_norms(block, names, X, kwargs, batch_size=2)
+    cfg = epts.EPTSConfig(rank=rank)
+    layers = epts.attach_hilora(block, names, norms, cfg, torch.Generator().manual_seed(seed))
+    return block, layers, cfg
+
+
+# ---------------------------------------------------------------------------------------------- groups
+
+def test_group_of_boundaries():
+    assert epts.group_of(0.0) is None                       # s = 0 is dense
+    assert epts.group_of(1e-9) == 0
+    assert epts.group_of(0.4) == 0                          # intervals are (lo, hi]
+    assert epts.group_of(0.41) == 1
+    assert epts.group_of(0.45) == 1
+    assert epts.group_of(0.4500001) == 2
+    assert epts.group_of(0.7) == 6
+    for bad in (0.71, -0.01, float("nan"), float("inf")):
+        with pytest.raises(epts.EPTSError):
+            epts.group_of(bad)
+
+
+def test_groups_must_be_contiguous_and_increasing():
+    epts.validate_groups(epts.GROUPS)
+    for bad in [[(0.0, 0.4), (0.45, 0.5)],      # gap
+                [(0.0, 0.4), (0.3, 0.5)],       # overlap
+                [(0.0, 0.5), (0.5, 0.45)],      # decreasing
+                [(0.1, 0.4)]]:                  # does not start at 0
+        with pytest.raises(epts.EPTSError):
+            epts.validate_groups(bad)
+    assert len(epts.GROUPS) == len(epts.MIXER_WEIGHTS) == 7 and math.isclose(sum(epts.MIXER_WEIGHTS), 1.0)
+
+
+def test_stratified_draws_visit_every_subinterval_of_every_group():
+    steps = 50
+    draws = epts.stratified_draws(epts.GROUPS, steps, torch.Generator().manual_seed(0))
+    assert draws.shape == (steps, 7)
+    for k, (lo, hi) in enumerate(epts.GROUPS):
+        col = draws[:, k]
+        assert bool(((col > lo) & (col <= hi)).all())
+        slots = torch.ceil((hi - col) / (hi - lo) * steps) - 1  # which sub-interval each step landed in
+        assert sorted(slots.long().tolist()) == list(range(steps))
+        assert slots.long().tolist() != list(range(steps))      # ... in shuffled order
+
+
+# ---------------------------------------------------------------------------------------------- masks (Eq. 1)
+
+def test_masks_have_exact_per_row_sparsity_and_are_nested():
+    W, norm = torch.randn(16, 40), torch.rand(40)
+    ranks = epts.row_ranks(epts.wanda_scores(W, norm))
+    previous = torch.ones_like(W, dtype=torch.bool)
+    for s in (0.1, 0.29, 0.3, 0.5, 0.55, 0.7):
+        keep = epts.mask_from_ranks(ranks, s)
+        assert ((~keep).sum(1) == math.floor(s * 40 + 1e-6)).all()
+        assert not (keep & ~previous).any()                  # M(s2) subset of M(s1) for s2 > s1
+        previous = keep
+    # the pruned weights are the lowest-scoring ones of each row
+    keep = epts.mask_from_ranks(ranks, 0.5)
+    scores = epts.wanda_scores(W, norm)
+    assert (scores.masked_fill(keep, -float("inf")).max(1).values <= scores.masked_fill(~keep, float("inf")).min(1).values).all()
+
+
+def test_prune_count_is_robust_to_float_error():
+    assert epts.prune_count(0.29, 100) == 29                   # 0.29 * 100 = 28.999999999999996
+    assert epts.prune_count(0.7, 256) == 179
+    assert int(epts.prune_count(torch.tensor([0.29]), 100)) == 29
+
+
+# ---------------------------------------------------------------------------------------------- MS-HiLoRA (Eq. 2)
+
+def test_elastic_weight_uses_the_inheritance_chain_and_keeps_the_mask_zeros():
+    K, r, out_f, in_f = 7, 2, 6, 10
+    W, A, B = torch.randn(out_f, in_f), torch.randn(K, r, in_f), torch.randn(K, out_f, r)
+    ranks = epts.row_ranks(epts.wanda_scores(W, torch.rand(in_f)))
+    s = torch.tensor([0.3, 0.52, 0.68, 0.5], dtype=torch.float64)
+    g = torch.tensor([0, 3, 6, -1])
+    Ws = epts.elastic_weight(W, ranks, A, B, s, g)
+    for i in range(len(g)):
+        keep = epts.mask_from_ranks(ranks, float(s[i]))
+        chain = sum((B[j] @ A[j] for j in range(int(g[i]) + 1)), torch.zeros(out_f, in_f))
+        torch.testing.assert_close(Ws[i], (W + chain) * keep)
+        assert torch.equal(Ws[i] == 0, ~keep)                 # exactly the mask's zeros
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_adapters_at_init_change_nothing(arch, windows):
+    model = tiny_model(arch)
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    with torch.no_grad():
+        s = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+        out = epts.forward_groups(block, layers, X, kwargs, s, torch.tensor([6, 3, -1]))
+    torch.testing.assert_close(out[0], Y)                    # s = 0 and B = 0: the dense block
+    torch.testing.assert_close(out[1], out[2])               # B = 0: adapters add nothing to the mask
+    assert (out[1] - Y).abs().max() > 1e-3                   # ... while the mask itself does change the output
+
+
+@pytest.mark.parametrize("k", [0, 3, 6])
+def test_group_k_trains_exactly_adapters_0_to_k(k, windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    for layer in layers.values():  # non-zero B so that A gets gradients too
+        layer.B.data.normal_(0, 0.01)
+    s = torch.tensor([epts.GROUPS[k][1]], dtype=torch.float64)
+    out = epts.forward_groups(block, layers, X, kwargs, s, torch.tensor([k]))
+    epts.recon_loss(out, Y.unsqueeze(0)).sum().backward()
+    for layer in layers.values():
+        for p in (layer.A, layer.B):
+            norms = p.grad.flatten(1).norm(dim=1)
+            assert (norms[: k + 1] > 0).all() and (norms[k + 1:] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_batched_group_forward_equals_one_forward_per_group(arch, windows):
+    model = tiny_model(arch)
+    X, kwargs, _ = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    for layer in layers.values():
+        layer.B.data.normal_(0, 0.05)
+    s = epts.stratified_draws(epts.GROUPS, 1, torch.Generator().manual_seed(1))[0]
+    g = torch.arange(7)
+    with torch.no_grad():
+        fast = epts.forward_groups(block, layers, X[:2], kwargs, s, g)
+        ref = epts.forward_groups(block, layers, X[:2], kwargs, s, g, reference=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- objective, mixer
+
+def test_recon_loss_is_sum_over_tokens_mean_over_the_rest():
+    P, T = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    assert torch.isclose(epts.recon_loss(P, T), ((P - T) ** 2).sum(1).mean())
+
+
+def test_phase1_objective_guides_higher_groups_by_a_detached_low_group_output():
+    O = torch.randn(3, 1, 4, 2, requires_grad=True)
+    Y = torch.randn(1, 4, 2)
+    loss, per_group = epts.phase1_objective(O, Y)
+    l = epts.recon_loss
+    expected = [l(O[0], Y), 0.5 * l(O[1], O[0]) + 0.5 * l(O[1], Y), 0.5 * l(O[2], O[0]) + 0.5 * l(O[2], Y)]
+    torch.testing.assert_close(per_group, torch.stack(expected).detach())
+    loss.backward()
+    # stop-gradient: O_0 receives only the gradient of L_0 = l(O_0, Y)
+    torch.testing.assert_close(O.grad[0], 2 * (O[0] - Y).detach() / 2)
+
+
+def test_mixer_is_the_weighted_sum():
+    outputs = torch.randn(7, 2, 3, 4)
+    expected = sum(w * outputs[k] for k, w in enumerate(epts.MIXER_WEIGHTS))
+    torch.testing.assert_close(epts.mix_features(outputs, epts.MIXER_WEIGHTS), expected)
+
+
+# ---------------------------------------------------------------------------------------------- optimization
+
+@pytest.fixture(scope="module")
+def optimized():
+    """A 2-block LLaMA optimized with EPTS (small settings) -> (model, state, windows)."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+    cfg = epts.EPTSConfig(rank=4, epochs=12, lr=5e-3, batch_size=2)
+    state = epts.optimize(model, windows, cfg, verbose=False)
+    return model, state, windows
+
+
+def test_phase1_loss_falls(optimized):
+    _, state, _ = optimized
+    for report in state.reports:
+        first, last = report.loss_history[0], report.loss_history[-1]
+        assert len(first) == 7
+        assert sum(last) < 0.8 * sum(first)
+        # every group above 0 improves; group 0's adapter is shared by all groups through the chain, so its
+        # own loss may rise -- that is what the low-group check is for
+        assert all(b < a for a, b in zip(first[1:], last[1:]))
+
+
+def test_adapters_beat_the_mask_alone_in_every_group(optimized):
+    model, state, windows = optimized
+    dense = epts.snapshot_linears(model)
+    X, kwargs, Y = block0_io(model, windows)
+    no_adapters = copy.deepcopy(state)
+    no_adapters.adapters = {k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()}
+    block = epts.decoder_blocks(model)[0]
+    for k, (lo, hi) in enumerate(state.groups):
+        s = 0.3 if k == 0 else (lo + hi) / 2
+        errors = []
+        for st in (state, no_adapters):
+            epts.deploy(model, st, s, dense)
+            with torch.no_grad():
+                errors.append(float(epts.recon_loss(epts.call_block(block, X, kwargs), Y)))
+        if k == 0 and not state.low_group_enabled[0]:   # the check switched the adapter off: mask only
+            assert errors[0] == errors[1]
+        else:
+            assert errors[0] < errors[1], f"group {k}: with adapters {errors[0]:.4g} >= mask only {errors[1]:.4g}"
+    epts.deploy(model, state, 0.0, dense)
+
+
+def test_low_group_check_is_recorded(optimized):
+    _, state, _ = optimized
+    for r in state.reports:
+        assert r.low_group_enabled == (r.low_check["with_adapter"] < r.low_check["mask_only"])
+        assert len(r.mix_sparsities) == 7
+        assert all(lo < s <= hi for s, (lo, hi) in zip(r.mix_sparsities, state.groups))
+
+
+def test_deploy_gives_exact_sparsity_and_finite_ppl(optimized):
+    model, state, windows = optimized
+    dense = epts.snapshot_linears(model)
+    tokens = windows.flatten()
+    for s in (0.0, 0.3, 0.45, 0.6, 0.7):
+        epts.deploy(model, state, s, dense)
+        for key, lin in epts.pruned_linears(model).items():
+            zeros_per_row = (lin.weight == 0).sum(1)
+            assert (zeros_per_row == math.floor(s * lin.in_features + 1e-6)).all(), key
+        assert math.isfinite(epts.perplexity(model, tokens, 32))
+    # non-uniform: one sparsity per block
+    epts.deploy(model, state, [0.35, 0.65], dense)
+    lins = epts.pruned_linears(model)
+    assert ((lins["0.mlp.up_proj"].weight == 0).sum(1) == math.floor(0.35 * 32)).all()
+    assert ((lins["1.mlp.up_proj"].weight == 0).sum(1) == math.floor(0.65 * 32)).all()
+    with pytest.raises(epts.EPTSError):
+        epts.deploy(model, state, [0.3], dense)
+    epts.deploy(model, state, 0.0, dense)
+    for key, lin in epts.pruned_linears(model).items():
+        assert torch.equal(lin.weight, dense[key])           # s = 0 restores the dense model
+
+
+def test_save_load_deploy_equals_deploy_in_memory(optimized, tmp_path):
+    model, state, _ = optimized
+    dense = epts.snapshot_linears(model)
+    epts.save_elastic(state, str(tmp_path / "elastic.safetensors"))
+    loaded = epts.load_elastic(str(tmp_path / "elastic.safetensors"))
+    assert loaded.low_group_enabled == state.low_group_enabled and loaded.groups == state.groups
+    for s in (0.35, [0.5, 0.7]):
+        epts.deploy(model, state, s, dense)
+        a = {k: v.weight.clone() for k, v in epts.pruned_linears(model).items()}
+        epts.deploy(model, loaded, s, dense)
+        for k, v in epts.pruned_linears(model).items():
+            assert torch.equal(a[k], v.weight)
+    epts.deploy(model, state, 0.0, dense)
+    epts.check_fingerprint(loaded, model, "tiny")
+    with pytest.raises(epts.EPTSError, match="made for base model"):
+        epts.check_fingerprint(loaded, tiny_model("llama", seed=1), "other")
+
+
+def test_fast_path_equals_reference_loop():
+    """Batching the 7 group forwards is an implementation detail: same adapters after training (fp32, CPU)."""
+    states = []
+    for reference in (False, True):
+        model = tiny_model("opt", n_layers=1)
+        windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+        cfg = epts.EPTSConfig(rank=4, epochs=2, lr=1e-3, reference_loop=reference)
+        states.append(epts.optimize(model, windows, cfg, verbose=False))
+    for key, (A, B) in states[0].adapters.items():
+        torch.testing.assert_close(A, states[1].adapters[key][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(B, states[1].adapters[key][1], rtol=1e-4, atol=1e-6)
+    assert any(B.abs().max() > 0 for _, B in states[0].adapters.values())
+
+
+# ---------------------------------------------------------------------------------------------- calling blocks
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_captured_block_kwargs_reproduce_the_models_own_forward(arch, windows):
+    model = tiny_model(arch)
+    X, kwargs = epts.capture_block_inputs(model, windows[:2])
+    with torch.no_grad():
+        hidden = model(windows[:2], output_hidden_states=True).hidden_states
+        x = X
+        for i, block in enumerate(epts.decoder_blocks(model)[:-1]):  # the last entry is after the final norm
+            x = epts.call_block(block, x, kwargs)
+            torch.testing.assert_close(x, hidden[i + 1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def test_perplexity_matches_a_hand_computation():
+    model = tiny_model("opt", n_layers=1)
+    tokens = torch.arange(21) % 64                           # 2 windows of 10 tokens, one token dropped
+    with torch.no_grad():
+        nll = []
+        for w in tokens[:20].view(2, 10):
+            logp = torch.log_softmax(model(w.view(1, -1)).logits[0].float(), -1)
+            nll += [-logp[t, w[t + 1]] for t in range(9)]
+    assert math.isclose(epts.perplexity(model, tokens, 10, batch_size=1), math.exp(sum(nll) / len(nll)),
+                        rel_tol=1e-5)
+
+
+def test_wanda_and_magnitude_give_exact_sparsity(windows):
+    for prune in (lambda m: epts.prune_wanda(m, windows, 0.5, verbose=False), lambda m: epts.prune_magnitude(m, 0.5)):
+        model = tiny_model("opt")
+        prune(model)
+        for lin in epts.pruned_linears(model).values():
+            assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "calib.txt").write_text(synthetic_text(3000, seed=0))
+    (root / "eval.txt").write_text(synthetic_text(1000, seed=1))
+    for arch in ("opt", "llama"):
+        save_tiny(arch, root / arch)
+    return root
+
+
+def cli(tiny_dir, arch, *extra):
+    return ["--model", str(tiny_dir / arch), "--calib", str(tiny_dir / "calib.txt"), "--eval",
+            str(tiny_dir / "eval.txt"), "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_cli_end_to_end(arch, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    art = tmp_path / "elastic.safetensors"
+    assert epts.main(cli(tiny_dir, arch, "--epochs", "1", "--sparsities", "0.5", "0.7", "--json-out", str(out),
+                         "--save", str(art))) == 0
+    res = json.loads(out.read_text())
+    assert set(res) >= {"model", "method", "config", "dense", "results", "optimize_seconds"}
+    assert [r["sparsity"] for r in res["results"]] == [0.5, 0.7]
+    for r in res["results"]:
+        assert set(r) == {"sparsity", "achieved_sparsity", "ppl", "seconds"}
+        assert abs(r["achieved_sparsity"] - r["sparsity"]) < 0.02
+        assert math.isfinite(r["ppl"][str(tiny_dir / "eval.txt")])
+    assert "achieved" in capsys.readouterr().out
+    # --load skips optimization and reproduces the same numbers; --export writes a plain transformers model
+    out2, export = tmp_path / "r2.json", tmp_path / "export"
+    assert epts.main(cli(tiny_dir, arch, "--sparsities", "0.5", "0.7", "--load", str(art), "--json-out", str(out2),
+                         "--export-sparsity", "0.7", "--export-dir", str(export))) == 0
+    res2 = json.loads(out2.read_text())
+    assert res2["optimize_seconds"] == 0.0
+    assert [r["ppl"] for r in res2["results"]] == [r["ppl"] for r in res["results"]]
+    code = ("import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]);"
+            "assert 'epts' not in sys.modules; ws = [p for n, p in m.named_parameters() if 'proj' in n or 'fc' in n];"
+            "print(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))")
+    printed = subprocess.run([sys.executable, "-c", code, str(export)], capture_output=True, text=True, check=True)
+    assert abs(float(printed.stdout) - 0.7) < 0.02
+
+
+def test_cli_wanda_and_magnitude(tiny_dir, tmp_path):
+    for method in ("wanda", "magnitude"):
+        out = tmp_path / f"{method}.json"
+        assert epts.main(cli(tiny_dir, "opt", "--method", method, "--sparsities", "0.5", "--json-out", str(out))) == 0
+        res = json.loads(out.read_text())
+        assert res["method"] == method and res["results"][0]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsities", "0.8"], "outside the trained range"),
+    (["--sparsities", "-0.1"], "outside the trained range"),
+    (["--rank", "0"], "--rank must be positive"),
+    (["--nsamples", "0"], "--nsamples must be positive"),
+    (["--nsamples", "400"], "fewer than nsamples x seqlen"),
+    (["--seqlen", "128"], "above the model's max_position_embeddings"),
+])
+def test_cli_bad_input_gives_one_line_error(tiny_dir, capsys, extra, message):
+    assert epts.main(cli(tiny_dir, "opt", "--epochs", "1", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_cli_rejects_an_artifact_of_another_model(tiny_dir, tmp_path, capsys):
+    art = tmp_path / "opt.safetensors"
+    assert epts.main(cli(tiny_dir, "opt", "--epochs", "1", "--sparsities", "0.5", "--save", str(art))) == 0
+    capsys.readouterr()
+    assert epts.main(cli(tiny_dir, "llama", "--load", str(art))) == 2
+    err = capsys.readouterr().err
+    assert str(tiny_dir / "opt") in err and str(tiny_dir / "llama") in err
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(epts.EPTSError, match="supported: llama, opt"):
+        epts.decoder_blocks(model)
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tiny_dir):
+    proc = subprocess.run([sys.executable, str(HERE / "epts.py"), *cli(tiny_dir, "opt", "--sparsities", "0.9")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "outside the trained range" in proc.stderr
