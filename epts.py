@@ -86,6 +86,7 @@ class EPTSConfig:
     seed: int = 0
     amp: bool = True                 # bf16 autocast for the block's matmuls (CUDA only; fp32 on CPU)
     reference_loop: bool = False     # True: one forward per group (plain loop); False: all groups batched
+    cuda_graph: bool = True          # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
 
     def validate(self) -> None:
         validate_groups(self.groups)
@@ -284,11 +285,14 @@ def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B
         W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g),   group_g = -1 meaning "no adapter".
 
     weight [out, in], ranks [out, in] (row_ranks), A [K, r, in], B [K, out, r], sparsity [G], group [G] long.
-    The cumulative sum over groups is the inheritance chain: a high-sparsity group reuses the adapters of
-    every lower group and adds its own. Masking the delta keeps W_g exactly as sparse as M(s).
+    The sum over j <= k is the inheritance chain: a high-sparsity group reuses the adapters of every lower
+    group and adds its own. It is one matmul of stacked adapters, [B_0 .. B_k] @ [A_0; ..; A_k], computed
+    here as B with the columns of groups j > k zeroed. Masking the delta keeps W_g exactly as sparse as M(s).
     """
-    chain = torch.cumsum(torch.bmm(B, A), dim=0)                        # [K, out, in]: sum_{j<=k} B_j A_j
-    delta = chain[group.clamp(min=0)] * (group >= 0).view(-1, 1, 1)      # [G, out, in]
+    K, out_f, r = B.shape
+    in_chain = torch.arange(K, device=group.device).view(1, 1, K, 1) <= group.view(-1, 1, 1, 1)  # [G,1,K,1]
+    B_chain = (B.permute(1, 0, 2).unsqueeze(0) * in_chain).reshape(-1, out_f, K * r)          # [G,out,K*r]
+    delta = B_chain @ A.reshape(K * r, -1)                                                   # [G,out,in]
     keep = ranks.unsqueeze(0) >= prune_count(sparsity, ranks.shape[1]).view(-1, 1, 1)
     return (weight.unsqueeze(0) + delta) * keep
 
@@ -504,6 +508,19 @@ def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.T
     return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
 
 
+class _Stopwatch:
+    """Wall-clock laps that wait for the GPU to finish (one sync per lap, never inside a training step)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.t = device, time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t
+
+
 @dataclass
 class BlockReport:
     """What happened while optimizing one block (kept in the elastic state, shown by the CLI)."""
@@ -512,7 +529,12 @@ class BlockReport:
     low_group_enabled: bool = True
     low_check: dict[str, float] = field(default_factory=dict)      # l at s=0.3: with / without adapter
     mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
-    seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)        # wall time of each stage
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    """lr_t = base * (1 + cos(pi * t / T)) / 2: cosine annealing from `base` to 0 over T steps."""
+    return base * (1 + math.cos(math.pi * step / total)) / 2
 
 
 def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
@@ -522,40 +544,87 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
 
     For every batch, every group k draws s_k (stratified), O_k = f(X_mix; W_{s_k}) and the guided losses are
     summed; one Adam step (cosine-annealed lr) follows. Returns the mean loss per group for every epoch.
+
+    Speed without changing the math: all draws are made up front, the step reads its batch and sparsities
+    from fixed ("static") buffers and never syncs with the host, and on CUDA the whole step -- forward of all
+    groups, backward, Adam -- is recorded once as a CUDA graph and replayed (`cfg.cuda_graph`).
     """
-    device, K = X_mix.device, len(cfg.groups)
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
-    batches = [(i, min(i + cfg.batch_size, len(X_mix))) for i in range(0, len(X_mix), cfg.batch_size)]
+    device, K, B = X_mix.device, len(cfg.groups), cfg.batch_size
+    batches = [(i, min(i + B, len(X_mix))) for i in range(0, len(X_mix), B)]
     total = cfg.epochs * len(batches)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)
-    draws = stratified_draws(cfg.groups, total, generator).to(device)   # all draws up front: no host syncs
+    draws = stratified_draws(cfg.groups, total, generator).to(device)
+    graph = cfg.cuda_graph and device.type == "cuda" and not cfg.reference_loop and len(X_mix) % B == 0
+    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+    lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr  # a tensor lr can change inside a graph
+    opt = torch.optim.Adam(params, lr=lr, fused=device.type == "cuda", capturable=graph)
     group = torch.arange(K, device=device)
+    x_buf, y_buf, s_buf = X_mix[:B].clone(), Y[:B].clone(), draws[0].clone()  # the step's inputs
     amp = cfg.amp and device.type == "cuda"
+
+    def forward_backward() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = forward_groups(block, layers, x_buf, kwargs, s_buf, group, cfg.reference_loop)
+            loss, per_group = phase1_objective(outputs, y_buf)
+        loss.backward()
+        return per_group
+
+    if graph:
+        per_group_out, replay = _capture_step(forward_backward, opt, params)
     history, step = [], 0
     for epoch in range(cfg.epochs):
         epoch_loss = torch.zeros(K, device=device)
         for a, b in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = forward_groups(block, layers, X_mix[a:b], kwargs, draws[step], group, cfg.reference_loop)
-                loss, per_group = phase1_objective(outputs, Y[a:b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            epoch_loss += per_group
+            if b - a != len(x_buf):  # a last, smaller batch
+                x_buf, y_buf = X_mix[a:b].clone(), Y[a:b].clone()
+            x_buf.copy_(X_mix[a:b])
+            y_buf.copy_(Y[a:b])
+            s_buf.copy_(draws[step])
+            if graph:
+                opt.param_groups[0]["lr"].fill_(cosine_lr(step, total, cfg.lr))
+                replay()
+                epoch_loss += per_group_out
+            else:
+                opt.param_groups[0]["lr"] = cosine_lr(step, total, cfg.lr)
+                opt.zero_grad(set_to_none=True)
+                epoch_loss += forward_backward()
+                opt.step()
             step += 1
-            if progress is not None:
-                progress.update(1)
-        mean = (epoch_loss / len(batches)).tolist()  # one host sync per epoch
+        mean = (epoch_loss / len(batches)).tolist()  # the only host sync: once per epoch
         bad = [k for k, v in enumerate(mean) if not math.isfinite(v)]
         if bad:
             raise EPTSError(f"Phase-1 loss became {mean[bad[0]]} in block {block_index}, group {bad[0]} "
-                            f"(epoch {epoch}); try a lower --lr or --dtype float32 / --no-amp")
+                            f"(epoch {epoch}); try a lower --lr or --no-amp (fp32)")
         history.append(mean)
         if progress is not None:
+            progress.update(len(batches))
             progress.set_postfix(block=block_index, epoch=epoch, loss=f"{sum(mean):.4g}")
     return history
+
+
+def _capture_step(forward_backward, opt: torch.optim.Optimizer, params: list[torch.Tensor]):
+    """Record one training step (forward, backward, Adam) as a CUDA graph without changing the training.
+
+    CUDA graphs need one warm-up run. It runs forward + backward, then Adam on *zeroed* gradients: no weight
+    moves and the moments stay 0; only Adam's step counter advances, and it is reset to 0.
+    Returns (the per-group loss buffer the graph writes, replay).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.zero_grad(set_to_none=True)
+        forward_backward()
+        for p in params:
+            p.grad.zero_()
+        opt.step()
+        for p in params:
+            opt.state[p]["step"].zero_()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        per_group = forward_backward()
+        opt.step()
+    return per_group, g.replay
 
 
 @torch.no_grad()
@@ -618,27 +687,28 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
 
     Returns (adapters, act_norms, report, next X_dense = Y, next X_mix).
     """
-    t0 = time.perf_counter()
+    report, clock = BlockReport(), _Stopwatch(X_dense.device)
     # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
     Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, cfg.batch_size)
+    report.seconds["targets"] = clock.lap()
     trainable = {p: p.requires_grad for p in block.parameters()}
     block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
     layers = attach_hilora(block, names, norms, cfg, generator)
     try:
-        report = BlockReport()
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, block_index, progress)
+        report.seconds["phase1"] = clock.lap()
         report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
+        report.seconds["low_check"] = clock.lap()
         X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
                                                   report.low_group_enabled)
+        report.seconds["phase2"] = clock.lap()
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
         detach_hilora(block, layers)
         for p, flag in trainable.items():
             p.requires_grad_(flag)
-    if X_mix.device.type == "cuda":
-        torch.cuda.synchronize()
-    report.seconds = time.perf_counter() - t0
+    report.seconds["total"] = sum(report.seconds.values())
     return adapters, {n: v.cpu() for n, v in norms.items()}, report, Y, X_mix
 
 
