@@ -82,11 +82,13 @@ class EPTSConfig:
     epochs: int = 10
     lr: float = 1e-3                 # Adam, cosine-annealed to 0 over epochs x steps
     batch_size: int = 1
-    low_check_sparsity: float = 0.3  # where the low-group check compares adapter vs. mask only
+    low_check_sparsity: float | None = 0.3  # where the low-group check compares adapter vs. mask only
     seed: int = 0
     amp: bool = True                 # bf16 autocast for the block's matmuls (CUDA only; fp32 on CPU)
     reference_loop: bool = False     # True: one forward per group (plain loop); False: all groups batched
     cuda_graph: bool = True          # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
+    infer_chunk: int = 8             # samples per no-grad forward (targets, check, Phase 2); results do not depend on it
+    fixed_sparsity: float | None = None  # a dedicated single-sparsity run (baseline), see dedicated_config
 
     def validate(self) -> None:
         validate_groups(self.groups)
@@ -100,6 +102,20 @@ class EPTSConfig:
             raise EPTSError(f"--epochs and --batch-size must be positive, got {self.epochs}, {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise EPTSError(f"--lr must be a positive number, got {self.lr}")
+
+
+def dedicated_config(cfg: EPTSConfig, sparsity: float) -> EPTSConfig:
+    """The "one optimization per sparsity" baseline that EPTS replaces: the same block reconstruction with a
+    single adapter trained at one fixed sparsity S on its own pruned stream -- one group (0, S], no mixer
+    (weight 1), no low-group check, and the rank of the chain EPTS uses at S: r * (group(S) + 1).
+    """
+    k = group_of(sparsity, cfg.groups)
+    if k is None:
+        raise EPTSError("a dedicated run needs a sparsity > 0")
+    return EPTSConfig(groups=((0.0, sparsity),), mixer=(1.0,), rank=cfg.rank * (k + 1), epochs=cfg.epochs,
+                      lr=cfg.lr, batch_size=cfg.batch_size, low_check_sparsity=None, seed=cfg.seed, amp=cfg.amp,
+                      reference_loop=cfg.reference_loop, cuda_graph=cfg.cuda_graph, infer_chunk=cfg.infer_chunk,
+                      fixed_sparsity=sparsity)
 
 
 def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
@@ -423,24 +439,41 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Per input feature sum_t x_tj^2 over the tokens of a batch: ||X_j||_2^2 accumulates it (Wanda)."""
+    return x.pow(2).sum(0)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X over the tokens of a batch: the Hessian H = 2 X X^T / n accumulates it (SparseGPT)."""
+    return x.T @ x
+
+
 @torch.no_grad()
-def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict,
-                            batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Y = f(X; W) for the dense block, and ||X_j||_2 of the inputs of every pruned linear (Wanda's statistic)."""
-    sq = {n: 0.0 for n in names}
+def block_outputs_and_stats(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict, chunk: int,
+                            stat=sum_of_squares) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """f(X) for every sample, and stat(inputs) of every pruned linear, summed over all calibration tokens."""
+    acc: dict[str, Any] = {n: 0.0 for n in names}
 
     def make_hook(n):
         def hook(module, args):
             x = args[0].detach().float()
-            sq[n] = sq[n] + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            acc[n] = acc[n] + stat(x.reshape(-1, x.shape[-1]))
         return hook
 
     handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        Y = torch.cat([call_block(block, X[i:i + batch_size], kwargs) for i in range(0, len(X), batch_size)])
+        Y = torch.cat([call_block(block, X[i:i + chunk], kwargs) for i in range(0, len(X), chunk)])
     finally:
         for h in handles:
             h.remove()
+    return Y, acc
+
+
+def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict,
+                            chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Y = f(X; W) for the dense block, and ||X_j||_2 of the inputs of every pruned linear (Wanda's statistic)."""
+    Y, sq = block_outputs_and_stats(block, names, X, kwargs, chunk, sum_of_squares)
     return Y, {n: v.sqrt() for n, v in sq.items()}
 
 
@@ -552,7 +585,10 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
     device, K, B = X_mix.device, len(cfg.groups), cfg.batch_size
     batches = [(i, min(i + B, len(X_mix))) for i in range(0, len(X_mix), B)]
     total = cfg.epochs * len(batches)
-    draws = stratified_draws(cfg.groups, total, generator).to(device)
+    draws = stratified_draws(cfg.groups, total, generator)
+    if cfg.fixed_sparsity is not None:
+        draws = torch.full_like(draws, cfg.fixed_sparsity)
+    draws = draws.to(device)
     graph = cfg.cuda_graph and device.type == "cuda" and not cfg.reference_loop and len(X_mix) % B == 0
     params = [p for layer in layers.values() for p in (layer.A, layer.B)]
     lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr  # a tensor lr can change inside a graph
@@ -634,9 +670,10 @@ def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: 
     s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=X_dense.device)
     group = torch.tensor([0, -1], device=X_dense.device)  # with the group-0 adapter / mask only
     loss = torch.zeros(2, device=X_dense.device, dtype=torch.float64)
-    for i in range(0, len(X_dense), cfg.batch_size):
-        out = forward_groups(block, layers, X_dense[i:i + cfg.batch_size], kwargs, s, group)
-        loss += recon_loss(out, Y[i:i + cfg.batch_size].unsqueeze(0)).double() * len(out[0])
+    c = cfg.infer_chunk
+    for i in range(0, len(X_dense), c):
+        out = forward_groups(block, layers, X_dense[i:i + c], kwargs, s, group)
+        loss += recon_loss(out, Y[i:i + c].unsqueeze(0)).double() * len(out[0])  # recon_loss is a mean over samples
     with_adapter, mask_only = (loss / len(X_dense)).tolist()
     return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
 
@@ -647,14 +684,17 @@ def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.T
                ) -> tuple[torch.Tensor, list[float]]:
     """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4)."""
     s = uniform_draws(cfg.groups, generator)
+    if cfg.fixed_sparsity is not None:
+        s = torch.full_like(s, cfg.fixed_sparsity)
     group = torch.arange(len(cfg.groups))
     if not low_group_enabled:
         group[0] = -1  # deploy in group 0 uses the mask only, so the next block must see exactly that
     s, group = s.to(X_mix.device), group.to(X_mix.device)
     mixed = torch.empty_like(X_mix)
-    for i in range(0, len(X_mix), cfg.batch_size):
-        outputs = forward_groups(block, layers, X_mix[i:i + cfg.batch_size], kwargs, s, group)
-        mixed[i:i + cfg.batch_size] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
+    c = cfg.infer_chunk
+    for i in range(0, len(X_mix), c):
+        outputs = forward_groups(block, layers, X_mix[i:i + c], kwargs, s, group)
+        mixed[i:i + c] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
     return mixed, s.tolist()
 
 
@@ -690,7 +730,7 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
     report, clock = BlockReport(), _Stopwatch(X_dense.device)
     # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
-    Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, cfg.batch_size)
+    Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, cfg.infer_chunk)
     report.seconds["targets"] = clock.lap()
     trainable = {p: p.requires_grad for p in block.parameters()}
     block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
@@ -698,8 +738,9 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
     try:
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, block_index, progress)
         report.seconds["phase1"] = clock.lap()
-        report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
-        report.seconds["low_check"] = clock.lap()
+        if cfg.low_check_sparsity is not None:
+            report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
+            report.seconds["low_check"] = clock.lap()
         X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
                                                   report.low_group_enabled)
         report.seconds["phase2"] = clock.lap()
@@ -860,41 +901,160 @@ def load_elastic(path: str) -> ElasticState:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Baselines: Wanda and magnitude pruning in the same harness (same masks, no adapters)
+# 9. Baselines in the same harness: magnitude, Wanda, SparseGPT (one pruning per sparsity, no adapters)
+#    and non-uniform layer-wise sparsity (OWL) for any of them
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def prune_magnitude(model: nn.Module, sparsity: float) -> nn.Module:
+def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.Module:
     """Row-wise magnitude pruning: S_ij = |W_ij| (no data)."""
-    for lin in pruned_linears(model).values():
-        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), sparsity)
+    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
+    for key, lin in pruned_linears(model).items():
+        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), per_block[int(key.split(".")[0])])
         lin.weight.mul_(keep.to(lin.weight.dtype))
     return model
 
 
-@torch.no_grad()
-def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float, device: str | torch.device = "cpu",
-                batch_size: int = 8, verbose: bool = True) -> nn.Module:
-    """Wanda, sequential as in its paper: block by block, the norms ||X_j|| come from the *pruned* stream.
+def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float) -> torch.Tensor:
+    """Wanda for one layer: W * M(s) with the row-wise mask of Eq. 1 (no weight update)."""
+    return W * mask_from_ranks(row_ranks(wanda_scores(W, sum_sq.sqrt())), sparsity)
 
-    For each block: collect the input norms of its linears on the current stream, prune every linear with
-    the row-wise mask of Eq. 1, then recompute the block's outputs with the pruned weights for the next block.
+
+def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float, blocksize: int = 128,
+                    percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023) for one layer: OBS pruning with weight updates.
+
+    With H = 2 X X^T / n (+ 1% of its mean diagonal for stability) and U the upper Cholesky factor of H^-1,
+    columns are visited left to right in blocks of 128. In each block the mask drops the weights of lowest
+    saliency w_ij^2 / U_jj^2 (jointly over the block's rows and columns). Visiting column j, the pruned
+    weights' error e = (w_j - q_j) / U_jj is pushed onto the not-yet-visited columns,
+        W[:, j:] -= e U[j, j:],
+    which is the optimal (OBS) compensation given the columns already fixed.
+    """
+    W = W.float().clone()
+    H = 2 * xtx.float() / n_tokens
+    dead = torch.diag(H) == 0          # inputs that are always zero: their weights are irrelevant
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.diag(H).mean() * torch.eye(len(H), device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1, U1, err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        d = torch.diag(U1)
+        saliency = (W1 ** 2 / d ** 2).flatten()
+        pruned = torch.zeros_like(saliency, dtype=torch.bool)
+        pruned[torch.topk(saliency, prune_count(sparsity, saliency.numel()), largest=False).indices] = True
+        pruned = pruned.view_as(W1)
+        for j in range(i2 - i1):
+            e = W1[:, j] * pruned[:, j] / d[j]
+            W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # column j becomes exactly 0 where pruned
+            err[:, j] = e
+        W[:, i1:i2] = W1.masked_fill(pruned, 0.0)
+        W[:, i2:] -= err @ U[i1:i2, i2:]  # the whole block's error onto the columns to its right
+    return W
+
+
+@torch.no_grad()
+def prune_sequential(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float], prune_layer,
+                     stat=sum_of_squares, device: str | torch.device = "cpu", chunk: int = 8, desc: str = "",
+                     verbose: bool = True) -> nn.Module:
+    """The sequential loop of Wanda and SparseGPT: block by block, statistics come from the *pruned* stream.
+
+    For each block: one forward on the current stream accumulates stat(inputs) of every linear, every linear
+    is replaced by prune_layer(W, stat, n_tokens, s), and the pruned block's outputs feed the next block.
     """
     device = torch.device(device)
     _, names = arch_of(model)
+    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     model.eval()
     X, kwargs = capture_block_inputs(model, windows, device)
     kwargs = _to(kwargs, device, torch.float32)
-    for block in tqdm(decoder_blocks(model), desc=f"Wanda {sparsity:.2f}", unit="block", disable=not verbose):
+    for i, block in enumerate(tqdm(decoder_blocks(model), desc=desc, unit="block", disable=not verbose)):
         home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
         block.to(device, torch.float32)
-        _, norms = dense_targets_and_norms(block, names, X, kwargs, batch_size)
+        _, stats = block_outputs_and_stats(block, names, X, kwargs, chunk, stat)
         for n in names:
             lin = block.get_submodule(n)
-            lin.weight.mul_(mask_from_ranks(row_ranks(wanda_scores(lin.weight, norms[n])), sparsity))
-        X = torch.cat([call_block(block, X[i:i + batch_size], kwargs) for i in range(0, len(X), batch_size)])
+            lin.weight.copy_(prune_layer(lin.weight, stats[n], windows.numel(), per_block[i]))
+        X = torch.cat([call_block(block, X[j:j + chunk], kwargs) for j in range(0, len(X), chunk)])
         block.to(home, home_dtype)
     return model
+
+
+def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
+                device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
+    """Wanda (Sun et al., 2023), sequential as in its paper."""
+    return prune_sequential(model, windows, sparsity, wanda_prune, sum_of_squares, device, desc="Wanda",
+                            verbose=verbose)
+
+
+def prune_sparsegpt(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
+                    device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
+    """SparseGPT (Frantar & Alistarh, 2023), unstructured, sequential as in its paper."""
+    return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
+                            verbose=verbose)
+
+
+@torch.no_grad()
+def dense_act_norms(model: nn.Module, windows: torch.Tensor, device: str | torch.device = "cpu",
+                    chunk: int = 8) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every pruned linear's inputs on the dense model (what EPTS stores in its state)."""
+    device = torch.device(device)
+    _, names = arch_of(model)
+    X, kwargs = capture_block_inputs(model, windows, device)
+    kwargs = _to(kwargs, device, torch.float32)
+    norms = {}
+    for i, block in enumerate(decoder_blocks(model)):
+        home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
+        block.to(device, torch.float32)
+        X, block_norms = dense_targets_and_norms(block, names, X, kwargs, chunk)
+        norms.update({f"{i}.{n}": v.cpu() for n, v in block_norms.items()})
+        block.to(home, home_dtype)
+    return norms
+
+
+def owl_sparsities(dense: dict[str, torch.Tensor], act_norms: dict[str, torch.Tensor], target: float,
+                   lam: float = 0.08, M: float = 5.0, limits: tuple[float, float] = (0.0, 1.0)) -> list[float]:
+    """OWL (Yin et al., 2023): outlier-weighted layer-wise sparsity, one sparsity per block.
+
+    A block's outlier ratio D_i is the share of its Wanda scores (all its linears pooled) above M times their
+    mean. With D normalized to [0, 1], s_i = target - 2 lam (D_i - mean D): more outliers, fewer pruned
+    weights, every s_i within target +- lam (the OWL paper's range). Each s_i is then clamped to `limits`
+    (for an elastic model: the trained range) while the mean is kept at the target where that is possible.
+    """
+    n_blocks = 1 + max(int(k.split(".")[0]) for k in dense)
+    ratios = []
+    for i in range(n_blocks):
+        scores = torch.cat([wanda_scores(W, act_norms[k]).flatten() for k, W in dense.items()
+                            if int(k.split(".")[0]) == i])
+        ratios.append(float((scores > M * scores.mean()).float().mean()))
+    D = torch.tensor(ratios, dtype=torch.float64)
+    D = (D - D.min()) / (D.max() - D.min()) if D.max() > D.min() else torch.zeros_like(D)
+    s = target - 2 * lam * (D - D.mean())
+    lo, hi = limits
+    for _ in range(100):  # clamp, then spread what clamping removed over the blocks still free to move
+        s = s.clamp(lo, hi)
+        gap = target * n_blocks - float(s.sum())
+        free = (s > lo) & (s < hi) if gap else None
+        if abs(gap) < 1e-9 or not bool(free.any()):
+            break
+        s[free] += gap / int(free.sum())
+    return s.clamp(lo, hi).tolist()
+
+
+def load_schedule(schedule: str, n_blocks: int) -> list[float] | None:
+    """--schedule PATH: a JSON list of per-block sparsities (None for 'uniform' / 'owl', computed elsewhere)."""
+    if schedule in ("uniform", "owl"):
+        return None
+    try:
+        with open(schedule) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EPTSError(f"--schedule must be uniform, owl or a JSON file of per-block sparsities: {e}") from e
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+        raise EPTSError(f"--schedule file '{schedule}' must hold a JSON list of numbers")
+    return per_block_sparsities(values, n_blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -956,11 +1116,16 @@ def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: b
     return model, tokenizer
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit status 2, like every other input error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].")
+    p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].")
     p.add_argument("--model", required=True, help="HF hub name or local path (OPT or LLaMA family)")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text file (default c4)")
-    p.add_argument("--eval", nargs="+", default=["wikitext2"], help="wikitext2 | c4 | text file paths")
+    p.add_argument("--eval", nargs="+", default=["wikitext2"], help="wikitext2 | c4 | text file paths | none")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=None, help="default: min(2048, max_position_embeddings)")
     p.add_argument("--epochs", type=int, default=10)
@@ -968,11 +1133,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
-    p.add_argument("--method", choices=["epts", "wanda", "magnitude"], default="epts")
+    p.add_argument("--method", choices=["epts", "dedicated", "wanda", "sparsegpt", "magnitude"], default="epts",
+                   help="epts: one elastic run for all sparsities; dedicated: one EPTS-style run per sparsity; "
+                        "wanda / sparsegpt / magnitude: one pruning per sparsity")
+    p.add_argument("--schedule", default="uniform",
+                   help="uniform | owl | PATH to a JSON list of per-block sparsities (then --sparsities is ignored)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the model's dtype (auto: fp32 on CPU, the checkpoint's on GPU); blocks optimize in fp32")
     p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
     p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the elastic state (safetensors) here")
     p.add_argument("--load", help="load an elastic state instead of optimizing")
@@ -980,7 +1151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-dir", help="where --export-sparsity writes the model")
     p.add_argument("--json-out", help="write the results as JSON here")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -999,17 +1170,23 @@ def print_table(rows: list[dict], evals: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The command line's job: optimize (or load), then deploy/prune at every sparsity and evaluate."""
     device = pick_device(args.device)
     for s in args.sparsities + ([args.export_sparsity] if args.export_sparsity is not None else []):
         group_of(s, GROUPS)
-    if args.export_sparsity is not None and not args.export_dir:
-        raise EPTSError("--export-sparsity needs --export-dir")
+    if args.export_sparsity is not None and (not args.export_dir or args.method != "epts"):
+        raise EPTSError("--export-sparsity needs --export-dir and --method epts")
     cfg = EPTSConfig(rank=args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     amp=not args.no_amp, reference_loop=args.reference_loop)
+                     amp=not args.no_amp, reference_loop=args.reference_loop, cuda_graph=not args.no_cuda_graph)
     cfg.validate()
     if args.nsamples <= 0:
         raise EPTSError(f"--nsamples must be positive, got {args.nsamples}")
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
+    n_blocks = len(decoder_blocks(model))
+    schedule_file = load_schedule(args.schedule, n_blocks)
+    if schedule_file is not None:
+        for s in schedule_file:
+            group_of(s, GROUPS)
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     seqlen = args.seqlen or min(2048, max_pos)
     if seqlen > max_pos:
@@ -1018,7 +1195,8 @@ def run(args: argparse.Namespace) -> dict:
     state = load_elastic(args.load) if args.load else None
     if state is not None:
         check_fingerprint(state, model, args.model)
-    needs_calib = args.method == "wanda" or (args.method == "epts" and state is None)
+    needs_calib = args.method not in ("epts", "magnitude") or (args.method == "epts" and state is None) or (
+        args.method == "magnitude" and args.schedule == "owl")
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, seqlen, args.seed) if needs_calib else None
     result = {"model": args.model, "method": args.method, "config": {**vars(args), "seqlen": seqlen},
               "dense": {}, "results": [], "optimize_seconds": 0.0}
@@ -1028,44 +1206,68 @@ def run(args: argparse.Namespace) -> dict:
         result["optimize_seconds"] = time.perf_counter() - t0
         if args.save:
             save_elastic(state, args.save)
+    if state is not None:
         result["low_group_enabled"] = state.low_group_enabled
     dense = snapshot_linears(model)
     if args.export_sparsity is not None:
-        if args.method != "epts":
-            raise EPTSError("--export-sparsity exports the elastic model; use it with --method epts")
         deploy(model, state, args.export_sparsity, dense, device)
         model.save_pretrained(args.export_dir)
         tokenizer.save_pretrained(args.export_dir)
         print(f"exported sparsity {args.export_sparsity} (achieved {measured_sparsity(model):.4f}) "
               f"to {args.export_dir}")
-        if not args.eval or args.eval == ["none"]:
-            return result
+        deploy(model, state, 0.0, dense)
     evals = [e for e in args.eval if e != "none"]
+    if not evals:
+        return result
     tokens = {e: eval_tokens(tokenizer, e, seqlen) for e in evals}
-    model.to(device)
 
     def evaluate() -> dict[str, float]:
-        return {e: perplexity(model, tokens[e], seqlen, device, args.eval_batch_size, verbose) for e in evals}
+        model.to(device)
+        ppl = {e: perplexity(model, tokens[e], seqlen, device, args.eval_batch_size, verbose) for e in evals}
+        if args.method != "epts":
+            model.cpu()  # the pruning loops keep the model where it was loaded and move one block at a time
+        return ppl
 
     result["dense"] = evaluate()
-    rows = [{"sparsity": 0.0, "achieved_sparsity": measured_sparsity(model), "ppl": result["dense"], "seconds": 0.0}]
-    for s in args.sparsities:
+    norms = None
+    if args.schedule == "owl":
+        norms = state.act_norms if state is not None else dense_act_norms(model, windows, device)
+    targets = [sum(schedule_file) / n_blocks] if schedule_file is not None else args.sparsities
+    for target in targets:
+        if schedule_file is not None:
+            sparsity: float | list[float] = schedule_file
+        elif args.schedule == "owl":
+            limits = (0.0, GROUPS[-1][1]) if args.method in ("epts", "dedicated") else (0.0, 1.0)
+            sparsity = owl_sparsities(dense, norms, target, limits=limits)
+        else:
+            sparsity = target
         t0 = time.perf_counter()
         if args.method == "epts":
-            deploy(model, state, s, dense, device)
+            deploy(model, state, sparsity, dense, device)
         else:
             for key, lin in pruned_linears(model).items():  # every baseline starts from the dense model
                 lin.weight.data.copy_(dense[key])
-            if args.method == "wanda":
-                model.cpu()
-                prune_wanda(model, windows, s, device, verbose=verbose)
-                model.to(device)
+            if args.method == "dedicated":
+                if not isinstance(sparsity, float):
+                    raise EPTSError("--method dedicated trains one uniform sparsity; use --schedule uniform")
+                single = optimize(model, windows, dedicated_config(cfg, sparsity), device, args.model, verbose)
+                deploy(model, single, sparsity, dense, device)
+            elif args.method == "wanda":
+                prune_wanda(model, windows, sparsity, device, verbose)
+            elif args.method == "sparsegpt":
+                prune_sparsegpt(model, windows, sparsity, device, verbose)
             else:
-                prune_magnitude(model, s)
+                prune_magnitude(model, sparsity)
         seconds = time.perf_counter() - t0
-        result["results"].append({"sparsity": s, "achieved_sparsity": measured_sparsity(model), "ppl": evaluate(),
-                                  "seconds": seconds})
-    print(f"\n{args.method} on {args.model} (seqlen {seqlen}); optimize {result['optimize_seconds']:.1f}s")
+        row = {"sparsity": target, "achieved_sparsity": measured_sparsity(model), "ppl": evaluate(),
+               "seconds": seconds}
+        if not isinstance(sparsity, float):
+            row["per_block"] = list(sparsity)
+        result["results"].append(row)
+    deploy(model, state, 0.0, dense) if state is not None else None
+    print(f"\n{args.method} on {args.model} (seqlen {seqlen}, schedule {args.schedule}); "
+          f"optimize {result['optimize_seconds']:.1f}s")
+    rows = [{"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}]
     print_table(rows + result["results"], evals)
     if args.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)

@@ -80,7 +80,7 @@ def hilora_block(model, X, kwargs, rank=4, seed=0):
     """Block 0 with its linears wrapped by HiLoRALinear (dense norms from X)."""
     block = epts.decoder_blocks(model)[0]
     names = epts.arch_of(model)[1]
-    _, norms = epts.dense_targets_and_norms(block, names, X, kwargs, batch_size=2)
+    _, norms = epts.dense_targets_and_norms(block, names, X, kwargs, chunk=2)
     cfg = epts.EPTSConfig(rank=rank)
     layers = epts.attach_hilora(block, names, norms, cfg, torch.Generator().manual_seed(seed))
     return block, layers, cfg
@@ -462,3 +462,54 @@ def test_cli_error_has_no_traceback_in_a_real_process(tiny_dir):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "outside the trained range" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+def test_sparsegpt_beats_wanda_mask_on_correlated_inputs_with_exact_sparsity():
+    g = torch.Generator().manual_seed(0)
+    n_tok, d_in, d_out = 2048, 256, 64
+    mix = torch.randn(d_in, d_in, generator=g) / d_in ** 0.5 + torch.eye(d_in)   # correlated input features
+    # feature scales from 0.2 to 3 scattered over the columns (as LLM outlier features are): SparseGPT prunes
+    # the same share of every 128-column block, so sorted scales would favour Wanda's row-wide choice
+    scale = torch.linspace(0.2, 3, d_in)[torch.randperm(d_in, generator=g)]
+    X = torch.randn(n_tok, d_in, generator=g) @ mix * scale
+    W = torch.randn(d_out, d_in, generator=g)
+    for s in (0.5, 0.7):
+        W_sgpt = epts.sparsegpt_prune(W, epts.gram(X), n_tok, s)
+        W_wanda = epts.wanda_prune(W, epts.sum_of_squares(X), n_tok, s)
+        err = lambda Wp: float(((X @ (Wp - W).T) ** 2).mean())
+        assert (W_sgpt == 0).sum() == epts.prune_count(s, W.numel())            # exact: blocks of 128 x 64
+        assert (W_wanda == 0).sum() == d_out * epts.prune_count(s, d_in)
+        assert err(W_sgpt) < 0.9 * err(W_wanda), (s, err(W_sgpt), err(W_wanda))
+
+
+def test_dedicated_config_is_one_group_at_a_fixed_sparsity_with_the_chain_rank():
+    cfg = epts.dedicated_config(epts.EPTSConfig(), 0.6)   # 0.6 is in group 4 -> rank 8 * 5
+    assert cfg.groups == ((0.0, 0.6),) and cfg.mixer == (1.0,) and cfg.rank == 40 and cfg.fixed_sparsity == 0.6
+    model = tiny_model("opt", n_layers=1)
+    windows = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    state = epts.optimize(model, windows, epts.dedicated_config(epts.EPTSConfig(rank=2, epochs=2), 0.6),
+                          verbose=False)
+    A, B = state.adapters["0.fc1"]
+    assert A.shape == (1, 10, 32) and B.shape == (1, 64, 10)
+    dense = epts.snapshot_linears(model)
+    epts.deploy(model, state, 0.6, dense)
+    assert ((model.model.decoder.layers[0].fc1.weight == 0).sum(1) == math.floor(0.6 * 32)).all()
+
+
+def test_owl_keeps_the_mean_and_the_limits():
+    model = tiny_model("llama", n_layers=4)
+    windows = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    norms = epts.dense_act_norms(model, windows)
+    dense = epts.snapshot_linears(model)
+    for target in (0.5, 0.6, 0.68):
+        s = epts.owl_sparsities(dense, norms, target, limits=(0.0, 0.7))
+        assert len(s) == 4 and abs(sum(s) / 4 - target) < 1e-6
+        assert max(s) <= 0.7 and max(s) - min(s) <= 2 * 0.08 + 1e-9 and max(s) > min(s)
+    assert epts.owl_sparsities(dense, norms, 0.7, limits=(0.0, 0.7)) == pytest.approx([0.7] * 4)  # no room to move
+    per_block = epts.owl_sparsities(dense, norms, 0.5)
+    epts.prune_wanda(model, windows, per_block, verbose=False)
+    lins = epts.pruned_linears(model)
+    expected = sum(lin.out_features * epts.prune_count(per_block[int(k[0])], lin.in_features) for k, lin in lins.items())
+    assert epts.measured_sparsity(model) == expected / sum(lin.weight.numel() for lin in lins.values())
