@@ -1,0 +1,202 @@
+"""The side-by-side benchmark: EPTS (one elastic run) vs. dense, magnitude, Wanda, SparseGPT and dedicated
+single-sparsity runs, plus uniform vs. OWL layer-wise sparsity, on the two stand-in models.
+
+On the GPU machine (models and data copied into .cache/, see bench/README.md):
+
+    python bench/run_bench.py --models .cache/models/opt-mini .cache/models/llama-mini \
+        --calib .cache/data/calib.txt --eval .cache/data/wikitext2/test.txt .cache/data/heldout.txt
+
+writes bench/results.json and bench/RESULTS.md. Every number in RESULTS.md is read from results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import epts  # noqa: E402
+
+SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
+DEDICATED = [0.5, 0.7]
+OWL = [0.5, 0.6, 0.7]
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
+    model, tok = epts.load_model(path, "float32", device, verbose=False)
+    model.to(device)  # small models: keep everything on the GPU (the loops still move one block at a time)
+    windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, a.seed)
+    tokens = {os.path.basename(e): epts.eval_tokens(tok, e, a.seqlen) for e in a.eval}
+    dense = epts.snapshot_linears(model)
+    cfg = epts.EPTSConfig(epochs=a.epochs, seed=a.seed)
+    out: dict = {"methods": {}}
+
+    def restore():
+        for key, lin in epts.pruned_linears(model).items():
+            lin.weight.data.copy_(dense[key])
+
+    def record(method: str, label: str, seconds: float, per_block=None):
+        row = {"ppl": {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()},
+               "achieved_sparsity": epts.measured_sparsity(model), "seconds": seconds}
+        if per_block is not None:
+            row["per_block"] = per_block
+        out["methods"].setdefault(method, {})[label] = row
+        print(f"{os.path.basename(path)} {method:>12} {label:>5}: " +
+              " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()) +
+              f"  achieved {row['achieved_sparsity']:.4f}  {seconds:.1f}s", flush=True)
+
+    record("dense", "0.0", 0.0)
+    prune = {"magnitude": lambda s: epts.prune_magnitude(model, s),
+             "wanda": lambda s: epts.prune_wanda(model, windows, s, device, verbose=False),
+             "sparsegpt": lambda s: epts.prune_sparsegpt(model, windows, s, device, verbose=False)}
+    for method, fn in prune.items():
+        for s in SPARSITIES:
+            restore()
+            record(method, str(s), timed(lambda: fn(s))[1])
+    for s in DEDICATED:
+        restore()
+        state, sec = timed(lambda: epts.optimize(model, windows, epts.dedicated_config(cfg, s), device, path,
+                                                 verbose=False))
+        epts.deploy(model, state, s, dense, device)
+        record("dedicated", str(s), sec)
+    restore()
+    state, sec = timed(lambda: epts.optimize(model, windows, cfg, device, path, verbose=False))
+    out["epts_optimize_seconds"] = sec
+    out["epts_blocks"] = [{"low_group_enabled": r.low_group_enabled, "low_check": r.low_check,
+                           "seconds": r.seconds, "loss_first_epoch": r.loss_history[0],
+                           "loss_last_epoch": r.loss_history[-1]} for r in state.reports]
+    for s in SPARSITIES:
+        _, dsec = timed(lambda: epts.deploy(model, state, s, dense, device))
+        record("epts", str(s), dsec)
+    # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
+    dense_norms = epts.dense_act_norms(model, windows, device)
+    for s in OWL:
+        per_block = epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, epts.GROUPS[-1][1]))
+        epts.deploy(model, state, per_block, dense, device)
+        record("epts-owl", str(s), 0.0, per_block)
+        restore()
+        per_block = epts.owl_sparsities(dense, dense_norms, s)
+        record("wanda-owl", str(s), timed(lambda: epts.prune_wanda(model, windows, per_block, device,
+                                                                    verbose=False))[1], per_block)
+    restore()
+    return out
+
+
+def fmt_table(res: dict, metric: str, methods: list[str], labels: list[str]) -> list[str]:
+    lines = ["| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for m in methods:
+        if m not in res["methods"]:
+            continue
+        cells = []
+        for label in labels:
+            row = res["methods"][m].get(label)
+            cells.append("" if row is None else f"{row['ppl'][metric]:.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(results: dict, path: str) -> None:
+    env = results["env"]
+    L = ["# Benchmark results", "",
+         f"Generated by `bench/run_bench.py` from `bench/results.json` on {env['gpu']}, torch {env['torch']}, "
+         f"transformers {env['transformers']}, Python {env['python']}; wall time of the whole run "
+         f"{env['wall_seconds']:.0f} s.", "", "Command:", "", "```", env["command"], "```", "",
+         f"Calibration: {results['config']['nsamples']} x {results['config']['seqlen']} tokens of "
+         f"`calib.txt`, seed {results['config']['seed']}; EPTS at the paper's defaults (7 groups, rank 8, "
+         f"{results['config']['epochs']} epochs, batch 1, lr 1e-3, mixer 0.1x4/0.2x3). Perplexity on "
+         "non-overlapping windows of the same length. WikiText-2 here is the tokenized release: not comparable "
+         "to papers' raw-release numbers.", ""]
+    labels = [str(s) for s in SPARSITIES]
+    for name, res in results["models"].items():
+        L += [f"## {name}", ""]
+        evals = list(res["methods"]["dense"]["0.0"]["ppl"])
+        dense = res["methods"]["dense"]["0.0"]["ppl"]
+        for e in evals:
+            L += [f"Perplexity on `{e}` (dense: {dense[e]:.2f}), by sparsity:", ""]
+            L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts"], labels) + [""]
+        L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block sparsities clamped "
+              "to the trained range [0, 0.7] for EPTS:", ""]
+        for e in evals[:1]:
+            L += fmt_table(res, e, ["epts", "epts-owl", "wanda", "wanda-owl"], [str(s) for s in OWL]) + [""]
+        m = res["methods"]
+        ach = {k: f"{m[k][str(s)]['achieved_sparsity']:.4f}" for k in ("epts-owl", "wanda-owl") for s in [OWL[-1]]}
+        L += [f"Achieved overall sparsity at {OWL[-1]} with OWL: EPTS {ach['epts-owl']}, Wanda {ach['wanda-owl']}.", ""]
+        # targets
+        e0 = evals[0]
+        ep = {s: m["epts"][str(s)]["ppl"][e0] for s in SPARSITIES}
+        L += ["Targets (issue 3), on `" + e0 + "`:", ""]
+        for s in SPARSITIES:
+            w = m["wanda"][str(s)]["ppl"][e0]
+            L.append(f"- {s}: EPTS {ep[s]:.2f} vs Wanda {w:.2f} -> {'met' if ep[s] <= w else 'MISSED'}")
+        for s in (0.5, 0.6, 0.7):
+            g = m["sparsegpt"][str(s)]["ppl"][e0]
+            L.append(f"- {s}: EPTS {ep[s]:.2f} vs SparseGPT {g:.2f} -> {'met' if ep[s] <= g else 'MISSED'}")
+        for s in DEDICATED:
+            d = m["dedicated"][str(s)]["ppl"][e0]
+            L.append(f"- {s}: EPTS {ep[s]:.2f} vs 1.05 x dedicated {1.05 * d:.2f} -> "
+                     f"{'met' if ep[s] <= 1.05 * d else 'MISSED'}")
+        ded = [m["dedicated"][str(s)]["seconds"] for s in DEDICATED]
+        mean = sum(ded) / len(ded)
+        L.append(f"- time: EPTS {res['epts_optimize_seconds']:.1f} s vs 0.5 x five dedicated runs "
+                 f"(mean of the runs at {DEDICATED}: {mean:.1f} s, x5 = {5 * mean:.1f} s) -> "
+                 f"{'met' if res['epts_optimize_seconds'] <= 0.5 * 5 * mean else 'MISSED'}")
+        blocks = res["epts_blocks"]
+        per_block = [b["seconds"]["total"] for b in blocks]
+        L += ["", f"EPTS optimization: {res['epts_optimize_seconds']:.1f} s in all, "
+                  f"{sum(per_block) / len(per_block):.2f} s per block on average "
+                  f"(Phase 1 {sum(b['seconds']['phase1'] for b in blocks) / len(blocks):.2f} s); "
+                  f"low-group adapter kept in {sum(b['low_group_enabled'] for b in blocks)} of {len(blocks)} "
+                  "blocks.", ""]
+        L += ["Time to produce the five sparsities (s): " + ", ".join(
+            f"{k} {sum(v['seconds'] for v in m[k].values()):.1f}" for k in ("magnitude", "wanda", "sparsegpt")) +
+              f", EPTS {res['epts_optimize_seconds'] + sum(v['seconds'] for v in m['epts'].values()):.1f} "
+              f"(optimize once + five deploys).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--eval", nargs="+", required=True)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    a = p.parse_args()
+    device = epts.pick_device("auto")
+    t0 = time.perf_counter()
+    import transformers
+    results = {"config": vars(a), "models": {}}
+    for path in a.models:
+        results["models"][os.path.basename(path.rstrip("/"))] = bench_model(path, a, device)
+    results["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                      "torch": torch.__version__, "transformers": transformers.__version__,
+                      "python": platform.python_version(), "wall_seconds": time.perf_counter() - t0,
+                      "command": "python " + " ".join(sys.argv)}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_markdown(results, os.path.join(a.out, "RESULTS.md"))
+    print(open(os.path.join(a.out, "RESULTS.md")).read())
+
+
+if __name__ == "__main__":
+    main()
