@@ -183,10 +183,15 @@ def main() -> None:
     a = p.parse_args()
     device = epts.pick_device("auto")
     t0 = time.perf_counter()
-    import transformers
     results = {"config": vars(a), "models": {}}
     for path in a.models:
         results["models"][os.path.basename(path.rstrip("/"))] = bench_model(path, a, device)
+        write_all(results, a, device, t0)  # after every model: a run cut short keeps what it finished
+    print(open(os.path.join(a.out, "RESULTS.md")).read())
+
+
+def write_all(results: dict, a: argparse.Namespace, device: torch.device, t0: float) -> None:
+    import transformers
     results["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                       "torch": torch.__version__, "transformers": transformers.__version__,
                       "python": platform.python_version(), "wall_seconds": time.perf_counter() - t0,
@@ -195,7 +200,6 @@ def main() -> None:
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_markdown(results, os.path.join(a.out, "RESULTS.md"))
-    print(open(os.path.join(a.out, "RESULTS.md")).read())
 
 
 if __name__ == "__main__":
