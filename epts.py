@@ -126,7 +126,7 @@ def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
         raise EPTSError(f"the first group must start at 0, got {groups[0]}")
     for k, (lo, hi) in enumerate(groups):
         if not lo < hi <= 1:
-            raise EPTSError(f"group {k} = ({lo}, {hi}] is empty or exceeds 1; groups must be increasing")
+            raise EPTSError(f"group {k} = ({lo}, {hi}] is empty or above 1: groups must be contiguous and increasing")
         if k and lo != groups[k - 1][1]:
             raise EPTSError(f"groups must be contiguous and increasing: group {k - 1} ends at "
                             f"{groups[k - 1][1]} but group {k} starts at {lo}")
@@ -754,10 +754,13 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
 
 
 def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: str | torch.device = "cpu",
-             base_model: str = "", verbose: bool = True) -> ElasticState:
+             base_model: str = "", verbose: bool = True, checkpoint: str | None = None,
+             resume: bool = False) -> ElasticState:
     """EPTS: capture block 0's inputs, then for every block run Phase 1, the low-group check and Phase 2.
 
     Only the current block is moved to `device` (in fp32); the rest of the model stays where it was loaded.
+    With `checkpoint`, the state so far and both streams are written atomically after every block, and
+    `resume=True` continues after the last finished block with the same result as an uninterrupted run.
     """
     cfg.validate()
     device = torch.device(device)
@@ -768,10 +771,16 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     X_mix = X_dense.clone()  # block 0: both streams are the embeddings output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
                          base_model=base_model, fingerprint=fingerprint(model))
+    start = 0
+    if resume and checkpoint and os.path.isfile(checkpoint):
+        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, len(windows))
+        X_dense, X_mix = X_dense.to(device), X_mix.to(device)
     blocks = decoder_blocks(model)
     steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
-    with tqdm(total=steps * len(blocks), desc="EPTS", unit="step", disable=not verbose) as progress:
-        for i, block in enumerate(blocks):
+    with tqdm(total=steps * len(blocks), initial=steps * start, desc="EPTS", unit="step",
+              disable=not verbose) as progress:
+        for i in range(start, len(blocks)):
+            block = blocks[i]
             home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
             block.to(device, torch.float32)
             adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg,
@@ -780,7 +789,28 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
             state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
             state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
             state.reports.append(report)
+            if checkpoint:
+                save_checkpoint(checkpoint, state, cfg, i + 1, X_dense, X_mix)
     return state
+
+
+def save_checkpoint(path: str, state: ElasticState, cfg: EPTSConfig, next_block: int, X_dense: torch.Tensor,
+                    X_mix: torch.Tensor) -> None:
+    """The elastic state so far plus both streams at the input of `next_block` (atomic write)."""
+    _write(path, {**_state_tensors(state), "stream.dense": X_dense.cpu(), "stream.mix": X_mix.cpu()},
+           {**_state_header(state), "next_block": next_block, "config": asdict(cfg)})
+
+
+def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int
+                    ) -> tuple[ElasticState, int, torch.Tensor, torch.Tensor]:
+    tensors, header = _read(path)
+    saved = header.get("config", {})
+    if json.loads(json.dumps(asdict(cfg))) != saved or len(tensors["stream.dense"]) != nsamples:
+        raise EPTSError(f"checkpoint '{path}' was made with other settings; remove it or run with the same "
+                        f"arguments (saved config: {saved})")
+    state = _state_from(tensors, header)
+    check_fingerprint(state, model, state.base_model)
+    return state, header["next_block"], tensors["stream.dense"], tensors["stream.mix"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -858,23 +888,42 @@ def measured_sparsity(model: nn.Module) -> float:
     return zeros / total
 
 
-def save_elastic(state: ElasticState, path: str) -> None:
-    """safetensors (adapters, norms) + a JSON header in its metadata: no pickle, no base weights, no masks."""
-    from safetensors.torch import save_file
+def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     tensors = {}
     for key, (A, B) in state.adapters.items():
-        tensors[f"{key}.A"], tensors[f"{key}.B"] = A.contiguous(), B.contiguous()
-    tensors.update({f"{key}.act_norm": v.contiguous() for key, v in state.act_norms.items()})
-    header = {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
-              "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
-              "reports": [asdict(r) for r in state.reports]}
+        tensors[f"{key}.A"], tensors[f"{key}.B"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
+    tensors.update({f"{key}.act_norm": v.float().contiguous() for key, v in state.act_norms.items()})
+    return tensors
+
+
+def _state_header(state: ElasticState) -> dict:
+    return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
+            "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
+            "reports": [asdict(r) for r in state.reports]}
+
+
+def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
+    state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
+                         base_model=header["base_model"], fingerprint=header["fingerprint"],
+                         reports=[BlockReport(**r) for r in header["reports"]])
+    for name in tensors:
+        if name.endswith(".act_norm"):
+            key = name[: -len(".act_norm")]
+            state.act_norms[key] = tensors[name]
+            state.adapters[key] = (tensors[f"{key}.A"].float(), tensors[f"{key}.B"].float())
+    return state
+
+
+def _write(path: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """safetensors with a JSON header in its metadata, written to a temporary file and renamed (atomic)."""
+    from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"epts": json.dumps(header)})
-    os.replace(tmp, path)  # atomic: a crash never leaves half an artifact
+    os.replace(tmp, path)  # a crash never leaves half a file behind
 
 
-def load_elastic(path: str) -> ElasticState:
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise EPTSError(f"no elastic state at '{path}'")
@@ -883,21 +932,25 @@ def load_elastic(path: str) -> ElasticState:
             header = json.loads((f.metadata() or {}).get("epts", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 -- any parse failure means "not an artifact"
-        raise EPTSError(f"'{path}' is not an EPTS elastic state ({e})") from e
+        raise EPTSError(f"'{path}' is not an EPTS elastic state ({str(e).splitlines()[0]})") from e
     if header.get("format") != "epts":
         raise EPTSError(f"'{path}' is not an EPTS elastic state")
     if header.get("version", 0) > FORMAT_VERSION:
-        raise EPTSError(f"'{path}' has format version {header['version']}; this epts.py reads up to "
-                        f"{FORMAT_VERSION} -- update epts.py")
-    state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
-                         base_model=header["base_model"], fingerprint=header["fingerprint"],
-                         reports=[BlockReport(**r) for r in header["reports"]])
-    for name in tensors:
-        if name.endswith(".act_norm"):
-            key = name[: -len(".act_norm")]
-            state.act_norms[key] = tensors[name]
-            state.adapters[key] = (tensors[f"{key}.A"], tensors[f"{key}.B"])
-    return state
+        raise EPTSError(f"'{path}' has format version {header['version']}, newer than this epts.py reads "
+                        f"({FORMAT_VERSION}); update epts.py")
+    return tensors, header
+
+
+def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32) -> None:
+    """The elastic artifact: adapters (in `dtype`) + activation norms + a JSON header, as safetensors.
+
+    No pickle, no base weights, no masks (they are re-derived from the base weights and the norms).
+    """
+    _write(path, _state_tensors(state, dtype), _state_header(state))
+
+
+def load_elastic(path: str) -> ElasticState:
+    return _state_from(*_read(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1145,7 +1198,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
     p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in GROUPS], metavar="HI",
+                   help="upper ends of the sparsity groups; group k is (HI_{k-1}, HI_k], starting at 0")
+    p.add_argument("--mixer", type=float, nargs="+", default=list(MIXER_WEIGHTS), help="MSFM weights, one per group")
     p.add_argument("--save", help="write the elastic state (safetensors) here")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved adapters (bfloat16 halves the artifact)")
+    p.add_argument("--checkpoint-dir", help="write a checkpoint after every block here (default: --save's folder)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint after the last finished block")
     p.add_argument("--load", help="load an elastic state instead of optimizing")
     p.add_argument("--export-sparsity", type=float, help="deploy at this sparsity and save_pretrained it")
     p.add_argument("--export-dir", help="where --export-sparsity writes the model")
@@ -1171,14 +1231,22 @@ def print_table(rows: list[dict], evals: Sequence[str]) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """The command line's job: optimize (or load), then deploy/prune at every sparsity and evaluate."""
-    device = pick_device(args.device)
+    groups = tuple(zip([0.0] + args.groups[:-1], args.groups))
+    cfg = EPTSConfig(groups=groups, mixer=tuple(args.mixer), rank=args.rank, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.batch_size, seed=args.seed, amp=not args.no_amp,
+                     reference_loop=args.reference_loop, cuda_graph=not args.no_cuda_graph)
+    cfg.validate()
     for s in args.sparsities + ([args.export_sparsity] if args.export_sparsity is not None else []):
-        group_of(s, GROUPS)
+        group_of(s, groups)
     if args.export_sparsity is not None and (not args.export_dir or args.method != "epts"):
         raise EPTSError("--export-sparsity needs --export-dir and --method epts")
-    cfg = EPTSConfig(rank=args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     amp=not args.no_amp, reference_loop=args.reference_loop, cuda_graph=not args.no_cuda_graph)
-    cfg.validate()
+    checkpoint = None
+    if args.checkpoint_dir or (args.save and args.method == "epts"):
+        folder = args.checkpoint_dir or os.path.dirname(os.path.abspath(args.save))
+        checkpoint = os.path.join(folder, "epts-checkpoint.safetensors")
+    if args.resume and checkpoint is None:
+        raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives)")
+    device = pick_device(args.device)
     if args.nsamples <= 0:
         raise EPTSError(f"--nsamples must be positive, got {args.nsamples}")
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
@@ -1186,7 +1254,7 @@ def run(args: argparse.Namespace) -> dict:
     schedule_file = load_schedule(args.schedule, n_blocks)
     if schedule_file is not None:
         for s in schedule_file:
-            group_of(s, GROUPS)
+            group_of(s, groups)
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     seqlen = args.seqlen or min(2048, max_pos)
     if seqlen > max_pos:
@@ -1195,6 +1263,8 @@ def run(args: argparse.Namespace) -> dict:
     state = load_elastic(args.load) if args.load else None
     if state is not None:
         check_fingerprint(state, model, args.model)
+        for s in args.sparsities + ([args.export_sparsity] if args.export_sparsity is not None else []):
+            group_of(s, state.groups)
     needs_calib = args.method not in ("epts", "magnitude") or (args.method == "epts" and state is None) or (
         args.method == "magnitude" and args.schedule == "owl")
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, seqlen, args.seed) if needs_calib else None
@@ -1202,10 +1272,12 @@ def run(args: argparse.Namespace) -> dict:
               "dense": {}, "results": [], "optimize_seconds": 0.0}
     if args.method == "epts" and state is None:
         t0 = time.perf_counter()
-        state = optimize(model, windows, cfg, device, base_model=args.model, verbose=verbose)
+        state = optimize(model, windows, cfg, device, args.model, verbose, checkpoint, args.resume)
         result["optimize_seconds"] = time.perf_counter() - t0
         if args.save:
-            save_elastic(state, args.save)
+            save_elastic(state, args.save, getattr(torch, args.save_dtype))
+            if os.path.isfile(checkpoint):
+                os.remove(checkpoint)  # the run is complete: the artifact replaces the checkpoint
     if state is not None:
         result["low_group_enabled"] = state.low_group_enabled
     dense = snapshot_linears(model)
@@ -1237,7 +1309,7 @@ def run(args: argparse.Namespace) -> dict:
         if schedule_file is not None:
             sparsity: float | list[float] = schedule_file
         elif args.schedule == "owl":
-            limits = (0.0, GROUPS[-1][1]) if args.method in ("epts", "dedicated") else (0.0, 1.0)
+            limits = (0.0, state.groups[-1][1]) if state is not None else (0.0, 1.0)
             sparsity = owl_sparsities(dense, norms, target, limits=limits)
         else:
             sparsity = target
@@ -1277,7 +1349,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
+        return int(e.code or 0)
     try:
         run(args)
     except EPTSError as e:

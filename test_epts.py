@@ -513,3 +513,147 @@ def test_owl_keeps_the_mean_and_the_limits():
     lins = epts.pruned_linears(model)
     expected = sum(lin.out_features * epts.prune_count(per_block[int(k[0])], lin.in_features) for k, lin in lins.items())
     assert epts.measured_sparsity(model) == expected / sum(lin.weight.numel() for lin in lins.values())
+
+
+# ---------------------------------------------------------------------------------------------- artifact, resume
+
+def test_kill_and_resume_gives_the_same_result_as_a_straight_run(tmp_path, monkeypatch):
+    windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(3))
+    cfg = epts.EPTSConfig(rank=2, epochs=2)
+    straight = epts.optimize(tiny_model("llama", n_layers=3), windows, cfg, verbose=False)
+
+    ckpt = str(tmp_path / "ckpt.safetensors")
+    real = epts.optimize_block
+
+    def crash_at_block_2(*args, **kwargs):
+        if args[6] == 2:  # block_index: the process "dies" after blocks 0 and 1 were checkpointed
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epts, "optimize_block", crash_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        epts.optimize(tiny_model("llama", n_layers=3), windows, cfg, verbose=False, checkpoint=ckpt)
+    monkeypatch.setattr(epts, "optimize_block", real)
+    assert epts._read(ckpt)[1]["next_block"] == 2
+    started = []
+    monkeypatch.setattr(epts, "optimize_block", lambda *a, **k: started.append(a[6]) or real(*a, **k))
+    resumed = epts.optimize(tiny_model("llama", n_layers=3), windows, cfg, verbose=False, checkpoint=ckpt,
+                            resume=True)
+    assert started == [2]                                      # only the missing block ran
+    assert set(resumed.adapters) == set(straight.adapters)
+    for key, (A, B) in straight.adapters.items():
+        torch.testing.assert_close(resumed.adapters[key][0], A, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(resumed.adapters[key][1], B, rtol=1e-5, atol=1e-7)
+    assert resumed.low_group_enabled == straight.low_group_enabled
+    with pytest.raises(epts.EPTSError, match="other settings"):   # a checkpoint of other settings is refused
+        epts.optimize(tiny_model("llama", n_layers=3), windows, epts.EPTSConfig(rank=3, epochs=2), verbose=False,
+                      checkpoint=ckpt, resume=True)
+
+
+def test_artifact_holds_adapters_norms_and_a_small_header_only(optimized, tmp_path):
+    model, state, _ = optimized
+    path = tmp_path / "a.safetensors"
+    epts.save_elastic(state, str(path))
+    adapter_bytes = sum(4 * (A.numel() + B.numel()) for A, B in state.adapters.values())
+    norm_bytes = sum(4 * v.numel() for v in state.act_norms.values())
+    assert adapter_bytes + norm_bytes < path.stat().st_size < adapter_bytes + norm_bytes + 64 * 1024
+    epts.save_elastic(state, str(tmp_path / "b.safetensors"), torch.bfloat16)
+    assert (tmp_path / "b.safetensors").stat().st_size < 0.7 * path.stat().st_size
+    tensors, header = epts._read(str(path))
+    assert not any("weight" in k or "mask" in k for k in tensors)
+    assert {"groups", "mixer", "rank", "base_model", "fingerprint", "reports", "version"} <= set(header)
+
+
+def test_a_newer_artifact_version_is_refused(optimized, tmp_path):
+    _, state, _ = optimized
+    path = str(tmp_path / "new.safetensors")
+    epts._write(path, epts._state_tensors(state), {**epts._state_header(state), "version": epts.FORMAT_VERSION + 1})
+    with pytest.raises(epts.EPTSError, match="newer than this epts.py"):
+        epts.load_elastic(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(epts.EPTSError, match="not an EPTS elastic state"):
+        epts.load_elastic(str(tmp_path / "junk.safetensors"))
+
+
+def test_export_from_an_artifact_needs_no_calibration_data(tiny_dir, tmp_path):
+    art = tmp_path / "e.safetensors"
+    assert epts.main(cli(tiny_dir, "opt", "--epochs", "1", "--sparsities", "0.5", "--save", str(art))) == 0
+    assert not (tmp_path / "epts-checkpoint.safetensors").exists()       # removed once the artifact is written
+    args = cli(tiny_dir, "opt", "--load", str(art), "--export-sparsity", "0.6", "--export-dir", str(tmp_path / "x"),
+               "--eval", "none")
+    args[args.index("--calib") + 1] = str(tmp_path / "does-not-exist.txt")
+    assert epts.main(args) == 0
+    assert (tmp_path / "x" / "config.json").exists()
+
+
+def test_cli_owl_schedule_and_schedule_file(tiny_dir, tmp_path):
+    out = tmp_path / "owl.json"
+    assert epts.main(cli(tiny_dir, "llama", "--epochs", "1", "--sparsities", "0.5", "--schedule", "owl",
+                         "--json-out", str(out))) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert len(row["per_block"]) == 2 and abs(sum(row["per_block"]) / 2 - 0.5) < 1e-6
+    sched = tmp_path / "s.json"
+    sched.write_text("[0.45, 0.65]")
+    assert epts.main(cli(tiny_dir, "llama", "--method", "magnitude", "--schedule", str(sched), "--json-out",
+                         str(out))) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["per_block"] == [0.45, 0.65] and row["sparsity"] == pytest.approx(0.55)
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsities", "abc"], "invalid float value"),
+    (["--groups", "0.4", "0.3", "0.7", "--mixer", "0.3", "0.3", "0.4"], "contiguous and increasing"),
+    (["--groups", "0.4", "0.7"], "mixer has 7 weights but there are 2 groups"),
+    (["--mixer", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5"], "sum to 1"),
+    (["--lr", "1e30", "--epochs", "2"], "Phase-1 loss became"),
+    (["--device", "cuda"], "torch sees no CUDA GPU"),
+    (["--resume"], "--resume needs --save or --checkpoint-dir"),
+    (["--schedule", "nope.json"], "--schedule must be uniform, owl or a JSON file"),
+])
+def test_cli_hardening_errors(tiny_dir, capsys, extra, message):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert epts.main(cli(tiny_dir, "opt", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error:") and len(err.splitlines()) == 1, err
+
+
+def test_nan_loss_names_block_and_group(tiny_dir, capsys):
+    assert epts.main(cli(tiny_dir, "opt", "--lr", "1e30", "--epochs", "2")) == 2
+    err = capsys.readouterr().err
+    assert "in block 0, group" in err and "lower --lr" in err
+
+
+def test_cli_unsupported_architecture(tmp_path, tiny_dir, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    for f in (tiny_dir / "opt").glob("*token*"):
+        (tmp_path / "gpt2" / f.name).write_bytes(f.read_bytes())
+    args = cli(tiny_dir, "opt")
+    args[1] = str(tmp_path / "gpt2")
+    assert epts.main(args) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture 'gpt2'" in err and "supported: llama, opt" in err and "ARCHS" in err
+
+
+def test_device_auto_falls_back_to_cpu_with_a_warning(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="no GPU found"):
+        assert epts.pick_device("auto") == torch.device("cpu")
+
+
+def test_remote_code_is_off_unless_asked_for(tiny_dir, monkeypatch):
+    import transformers
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    epts.load_model(str(tiny_dir / "opt"), "float32", torch.device("cpu"))
+    epts.load_model(str(tiny_dir / "opt"), "float32", torch.device("cpu"), trust_remote_code=True)
+    assert seen == [False, True]
