@@ -1,0 +1,128 @@
+"""What a full-size EPTS run costs: time and memory per block for LLaMA-7B- and OPT-1.3B-shaped models with
+random weights (time and memory do not depend on weight values), extrapolated to the whole model.
+
+    python bench/scale.py                      # on the GPU machine; writes bench/scale.json
+    python bench/scale.py --tiny --device cpu  # a seconds-long smoke test of this script
+
+For each shape: build `--blocks` decoder blocks from a config, calibrate on random tokens (128 x 2048 by
+default), run EPTS with `--epochs` epochs (default 1, scaled linearly to the paper's 10: Phase-1 time is
+linear in the number of steps) and one dedicated single-sparsity run at 0.5 (rank 8 x 4), and report:
+Phase-1 ms per step and per block, Phase-2 and target time, peak GPU memory, host/GPU memory of the two
+streams, the achieved TFLOP/s of the Phase-1 step, and the projection
+
+    total = n_layers x (targets + phase1 x 10 / epochs + low_check + phase2)   (per-block means)
+    five dedicated runs = 5 x n_layers x (dedicated block time, Phase 1 scaled the same way)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import epts  # noqa: E402
+from phase1_speed import step_flops  # noqa: E402
+
+SHAPES = {
+    "llama-7b": dict(arch="llama", hidden=4096, ffn=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
+    "opt-1.3b": dict(arch="opt", hidden=2048, ffn=8192, heads=32, kv_heads=32, layers=24, vocab=50272),
+}
+TINY = {
+    "llama-tiny": dict(arch="llama", hidden=64, ffn=160, heads=4, kv_heads=4, layers=32, vocab=128),
+    "opt-tiny": dict(arch="opt", hidden=64, ffn=256, heads=4, kv_heads=4, layers=24, vocab=128),
+}
+
+
+def build(shape: dict, n_blocks: int, seqlen: int, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    if shape["arch"] == "llama":
+        cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                          num_hidden_layers=n_blocks, max_position_embeddings=max(seqlen, 2048))
+        cls = LlamaForCausalLM
+    else:
+        cfg = OPTConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
+                        num_attention_heads=shape["heads"], num_hidden_layers=n_blocks, word_embed_proj_dim=shape["hidden"],
+                        max_position_embeddings=max(seqlen, 2048), dropout=0.0)
+        cls = OPTForCausalLM
+    with torch.device(device):  # random init directly where it runs; the blocks are fp32 during optimization
+        model = cls(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model.eval()
+
+
+def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device) -> dict:
+    model = build(shape, a.blocks, a.seqlen, device)
+    windows = torch.randint(0, shape["vocab"], (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+    cfg = epts.EPTSConfig(epochs=a.epochs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    state = epts.optimize(model, windows, cfg, device, verbose=False)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, verbose=False)
+    names = epts.arch_of(model)[1]
+    head_dim = shape["hidden"] // shape["heads"]
+    flops = step_flops(epts.decoder_blocks(model)[0], names, len(cfg.groups), a.seqlen, shape["hidden"],
+                       shape["heads"] * head_dim)
+    steps = a.epochs * a.nsamples
+    scale = 10 / a.epochs
+
+    def block_time(reports) -> float:
+        per = [r.seconds["total"] + r.seconds["phase1"] * (scale - 1) for r in reports]
+        return sum(per) / len(per)
+
+    mean = {k: sum(r.seconds.get(k, 0.0) for r in state.reports) / len(state.reports)
+            for k in ("targets", "phase1", "low_check", "phase2", "total")}
+    stream_gib = a.nsamples * a.seqlen * shape["hidden"] * 4 / 2 ** 30  # one fp32 stream
+    out = {
+        "shape": shape, "measured_blocks": a.blocks, "nsamples": a.nsamples, "seqlen": a.seqlen,
+        "epochs_timed": a.epochs, "wall_seconds_measured": wall,
+        "per_block_seconds_measured": mean,
+        "phase1_ms_per_step": 1000 * mean["phase1"] / steps,
+        "phase1_gflop_per_step": flops / 1e9,
+        "phase1_tflops_achieved": flops * steps / mean["phase1"] / 1e12,
+        "peak_gpu_gib": peak,
+        "stream_gib_each_fp32": stream_gib,
+        "streams_and_targets_gib": 3 * stream_gib,  # X_dense, X_mix and the targets Y
+        "projected_block_seconds_10_epochs": block_time(state.reports),
+        "projected_total_hours_10_epochs": shape["layers"] * block_time(state.reports) / 3600,
+        "projected_five_dedicated_hours_10_epochs": 5 * shape["layers"] * block_time(ded.reports) / 3600,
+        "formula": "n_layers x (targets + phase1 x 10/epochs + low_check + phase2), per-block means",
+    }
+    print(f"{name}: {json.dumps(out, indent=1)}", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and data: a smoke test of this script")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.json"))
+    a = p.parse_args()
+    if a.tiny:
+        a.nsamples, a.seqlen = min(a.nsamples, 4), min(a.seqlen, 64)
+    device = epts.pick_device(a.device)
+    import transformers
+    res = {"env": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "transformers": transformers.__version__,
+                   "command": "python " + " ".join(sys.argv)}, "models": {}}
+    for name, shape in (TINY if a.tiny else SHAPES).items():
+        res["models"][name] = measure(name, shape, a, device)
+        with open(a.out, "w") as f:  # after every shape: a run cut short keeps what it finished
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
