@@ -430,7 +430,22 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
                 pass
     finally:
         handle.remove()
-    return torch.cat(hidden), kwargs
+    return torch.cat(hidden), _to(kwargs, device, dtype)
+
+
+def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
+    """Yield (index, block) for blocks >= start, each moved to `device` in fp32 while it is worked on and moved
+    back to where (and in the dtype) it was loaded afterwards: only one block is on the accelerator at a time."""
+    for i, block in enumerate(decoder_blocks(model)):
+        if i < start:
+            continue
+        p = next(block.parameters())
+        home, home_dtype = p.device, p.dtype
+        block.to(device, torch.float32)
+        try:
+            yield i, block
+        finally:
+            block.to(home, home_dtype)
 
 
 def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -767,7 +782,6 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     _, names = arch_of(model)
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
-    kwargs = _to(kwargs, device, torch.float32)
     X_mix = X_dense.clone()  # block 0: both streams are the embeddings output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
                          base_model=base_model, fingerprint=fingerprint(model))
@@ -779,13 +793,9 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
     with tqdm(total=steps * len(blocks), initial=steps * start, desc="EPTS", unit="step",
               disable=not verbose) as progress:
-        for i in range(start, len(blocks)):
-            block = blocks[i]
-            home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
-            block.to(device, torch.float32)
+        for i, block in blocks_on(model, device, start):
             adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg,
                                                                      i, progress)
-            block.to(home, home_dtype)
             state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
             state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
             state.reports.append(report)
@@ -1022,16 +1032,12 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, sparsity: float | 
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     model.eval()
     X, kwargs = capture_block_inputs(model, windows, device)
-    kwargs = _to(kwargs, device, torch.float32)
-    for i, block in enumerate(tqdm(decoder_blocks(model), desc=desc, unit="block", disable=not verbose)):
-        home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
-        block.to(device, torch.float32)
+    for i, block in tqdm(blocks_on(model, device), desc=desc, unit="block", total=len(per_block), disable=not verbose):
         _, stats = block_outputs_and_stats(block, names, X, kwargs, chunk, stat)
         for n in names:
             lin = block.get_submodule(n)
             lin.weight.copy_(prune_layer(lin.weight, stats[n], windows.numel(), per_block[i]))
         X = torch.cat([call_block(block, X[j:j + chunk], kwargs) for j in range(0, len(X), chunk)])
-        block.to(home, home_dtype)
     return model
 
 
@@ -1056,14 +1062,10 @@ def dense_act_norms(model: nn.Module, windows: torch.Tensor, device: str | torch
     device = torch.device(device)
     _, names = arch_of(model)
     X, kwargs = capture_block_inputs(model, windows, device)
-    kwargs = _to(kwargs, device, torch.float32)
     norms = {}
-    for i, block in enumerate(decoder_blocks(model)):
-        home, home_dtype = next(block.parameters()).device, next(block.parameters()).dtype
-        block.to(device, torch.float32)
+    for i, block in blocks_on(model, device):
         X, block_norms = dense_targets_and_norms(block, names, X, kwargs, chunk)
         norms.update({f"{i}.{n}": v.cpu() for n, v in block_norms.items()})
-        block.to(home, home_dtype)
     return norms
 
 
