@@ -682,6 +682,8 @@ def _capture_step(forward_backward, opt: torch.optim.Optimizer, params: list[tor
 def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
                     kwargs: dict, cfg: EPTSConfig) -> tuple[bool, dict[str, float]]:
     """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
+    if cfg.low_check_sparsity is None:
+        return True, {}
     s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=X_dense.device)
     group = torch.tensor([0, -1], device=X_dense.device)  # with the group-0 adapter / mask only
     loss = torch.zeros(2, device=X_dense.device, dtype=torch.float64)
@@ -753,9 +755,8 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
     try:
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, block_index, progress)
         report.seconds["phase1"] = clock.lap()
-        if cfg.low_check_sparsity is not None:
-            report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
-            report.seconds["low_check"] = clock.lap()
+        report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
+        report.seconds["low_check"] = clock.lap()
         X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
                                                   report.low_group_enabled)
         report.seconds["phase2"] = clock.lap()
@@ -830,6 +831,14 @@ def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int
 def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every pruned linear's dense weight: deploy always starts from these."""
     return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
+
+
+@torch.no_grad()
+def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
+    """Put the dense weights of `snapshot_linears` back (before pruning again with another method)."""
+    for key, lin in pruned_linears(model).items():
+        lin.weight.copy_(dense[key])
+    return model
 
 
 def fingerprint(model: nn.Module) -> dict:
@@ -979,7 +988,11 @@ def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.M
 
 
 def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float) -> torch.Tensor:
-    """Wanda for one layer: W * M(s) with the row-wise mask of Eq. 1 (no weight update)."""
+    """Wanda for one layer: W * M(s) with the row-wise mask of Eq. 1 (no weight update).
+
+    Takes the accumulated sum of squares (||X_j||^2) and n_tokens (unused: row-wise ranking ignores scale) so
+    that it has the same signature as sparsegpt_prune and plugs into prune_sequential.
+    """
     return W * mask_from_ranks(row_ranks(wanda_scores(W, sum_sq.sqrt())), sparsity)
 
 
@@ -1319,8 +1332,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.method == "epts":
             deploy(model, state, sparsity, dense, device)
         else:
-            for key, lin in pruned_linears(model).items():  # every baseline starts from the dense model
-                lin.weight.data.copy_(dense[key])
+            restore_dense(model, dense)  # every baseline starts from the dense model
             if args.method == "dedicated":
                 if not isinstance(sparsity, float):
                     raise EPTSError("--method dedicated trains one uniform sparsity; use --schedule uniform")
@@ -1338,7 +1350,7 @@ def run(args: argparse.Namespace) -> dict:
         if not isinstance(sparsity, float):
             row["per_block"] = list(sparsity)
         result["results"].append(row)
-    deploy(model, state, 0.0, dense) if state is not None else None
+    restore_dense(model, dense)
     print(f"\n{args.method} on {args.model} (seqlen {seqlen}, schedule {args.schedule}); "
           f"optimize {result['optimize_seconds']:.1f}s")
     rows = [{"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}]

@@ -657,3 +657,15 @@ def test_remote_code_is_off_unless_asked_for(tiny_dir, monkeypatch):
     epts.load_model(str(tiny_dir / "opt"), "float32", torch.device("cpu"))
     epts.load_model(str(tiny_dir / "opt"), "float32", torch.device("cpu"), trust_remote_code=True)
     assert seen == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------- tutorial
+
+def test_tutorial_notebook_runs_top_to_bottom():
+    """tutorial.ipynb is executed as a reader would run it; any error in any cell fails the test."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert images >= 3

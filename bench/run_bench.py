@@ -47,8 +47,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     out: dict = {"methods": {}}
 
     def restore():
-        for key, lin in epts.pruned_linears(model).items():
-            lin.weight.data.copy_(dense[key])
+        epts.restore_dense(model, dense)
 
     def record(method: str, label: str, seconds: float, per_block=None):
         row = {"ppl": {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()},
