@@ -24,9 +24,9 @@ This file reads in the paper's order:
   4. MS-HiLoRA (Eq. 2)    group_of, elastic_weight, HiLoRALinear
   5. Objective (Eq. 3)    recon_loss, phase1_objective
   6. MSFM (Eq. 4)         mix_features
-  7. Block loop           capture_block_inputs, phase 1, low-group check, phase 2, optimize
-  8. Deploy               deploy, ElasticState save/load, export
-  9. Baselines            Wanda, magnitude (same capture + sequential block loop)
+  7. Block loop           capture_block_inputs, phase 1, low-group check, phase 2, optimize, checkpoints
+  8. Deploy               deploy, ElasticState save/load (safetensors + JSON header)
+  9. Baselines            magnitude, Wanda, SparseGPT (one shared sequential loop), dedicated runs, OWL
  10. Evaluation           perplexity
  11. Command line         main()
 
