@@ -240,6 +240,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(arch_of(model)[0])
 
 
+def block_of(key: str) -> int:
+    """The block index of a pruned-linear key "<block index>.<name in block>"."""
+    return int(key.split(".", 1)[0])
+
+
 def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every pruned linear, keyed "<block index>.<name in block>" (e.g. "3.self_attn.q_proj")."""
     names = arch_of(model)[1]
@@ -788,7 +793,7 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
                          base_model=base_model, fingerprint=fingerprint(model))
     start = 0
     if resume and checkpoint and os.path.isfile(checkpoint):
-        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, len(windows))
+        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, len(windows), base_model)
         X_dense, X_mix = X_dense.to(device), X_mix.to(device)
     blocks = decoder_blocks(model)
     steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
@@ -812,7 +817,7 @@ def save_checkpoint(path: str, state: ElasticState, cfg: EPTSConfig, next_block:
            {**_state_header(state), "next_block": next_block, "config": asdict(cfg)})
 
 
-def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int
+def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int, model_name: str = ""
                     ) -> tuple[ElasticState, int, torch.Tensor, torch.Tensor]:
     tensors, header = _read(path)
     saved = header.get("config", {})
@@ -820,7 +825,7 @@ def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int
         raise EPTSError(f"checkpoint '{path}' was made with other settings; remove it or run with the same "
                         f"arguments (saved config: {saved})")
     state = _state_from(tensors, header)
-    check_fingerprint(state, model, state.base_model)
+    check_fingerprint(state, model, model_name)
     return state, header["next_block"], tensors["stream.dense"], tensors["stream.mix"]
 
 
@@ -883,7 +888,7 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
     """
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     for key, lin in pruned_linears(model).items():
-        i = int(key.split(".", 1)[0])
+        i = block_of(key)
         s = per_block[i]
         k = group_of(s, state.groups)
         W = dense[key].to(device or lin.weight.device, torch.float32)
@@ -982,7 +987,7 @@ def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.M
     """Row-wise magnitude pruning: S_ij = |W_ij| (no data)."""
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     for key, lin in pruned_linears(model).items():
-        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), per_block[int(key.split(".")[0])])
+        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), per_block[block_of(key)])
         lin.weight.mul_(keep.to(lin.weight.dtype))
     return model
 
@@ -1091,11 +1096,11 @@ def owl_sparsities(dense: dict[str, torch.Tensor], act_norms: dict[str, torch.Te
     weights, every s_i within target +- lam (the OWL paper's range). Each s_i is then clamped to `limits`
     (for an elastic model: the trained range) while the mean is kept at the target where that is possible.
     """
-    n_blocks = 1 + max(int(k.split(".")[0]) for k in dense)
+    n_blocks = 1 + max(block_of(k) for k in dense)
     ratios = []
     for i in range(n_blocks):
         scores = torch.cat([wanda_scores(W, act_norms[k]).flatten() for k, W in dense.items()
-                            if int(k.split(".")[0]) == i])
+                            if block_of(k) == i])
         ratios.append(float((scores > M * scores.mean()).float().mean()))
     D = torch.tensor(ratios, dtype=torch.float64)
     D = (D - D.min()) / (D.max() - D.min()) if D.max() > D.min() else torch.zeros_like(D)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
 
 
-def step_flops(block: torch.nn.Module, names, n_groups: int, tokens: int, hidden: int, heads_dim: int) -> float:
+def step_flops(block: torch.nn.Module, names, n_groups: int, tokens: int, heads_dim: int) -> float:
     """Matmul FLOPs of one Phase-1 step: n_groups x (forward + backward) of the block on `tokens` tokens.
 
     Linear: 2 * out * in per token forward; backward computes grads for inputs and weights (2x forward).
@@ -46,7 +46,6 @@ def main() -> None:
     windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
     _, names = epts.arch_of(model)
     X, kwargs = epts.capture_block_inputs(model, windows, device)
-    kwargs = epts._to(kwargs, device, torch.float32)
     block = epts.decoder_blocks(model)[0].to(device, torch.float32)
     cfg = epts.EPTSConfig(epochs=a.epochs, reference_loop=a.reference_loop, cuda_graph=not a.no_graph)
     if a.check_graph:
@@ -61,7 +60,7 @@ def main() -> None:
     steps = a.epochs * a.nsamples
     cfgm = model.config
     head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // cfgm.num_attention_heads
-    flops = step_flops(block, names, len(cfg.groups), a.seqlen, cfgm.hidden_size, cfgm.num_attention_heads * head_dim)
+    flops = step_flops(block, names, len(cfg.groups), a.seqlen, cfgm.num_attention_heads * head_dim)
     sec = report.seconds
     print(f"model={a.model} device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
           f"torch={torch.__version__} reference_loop={a.reference_loop} cuda_graph={cfg.cuda_graph}")

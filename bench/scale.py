@@ -67,8 +67,7 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, verbose=False)
     names = epts.arch_of(model)[1]
     head_dim = shape["hidden"] // shape["heads"]
-    flops = step_flops(epts.decoder_blocks(model)[0], names, len(cfg.groups), a.seqlen, shape["hidden"],
-                       shape["heads"] * head_dim)
+    flops = step_flops(epts.decoder_blocks(model)[0], names, len(cfg.groups), a.seqlen, shape["heads"] * head_dim)
     steps = a.epochs * a.nsamples
     scale = 10 / a.epochs
 
