@@ -2,33 +2,25 @@
 
 Paper: Xu et al., "Elastic Post-Training Sparsity", KDD 2026, arXiv 2606.25285.
 
-One short block-wise optimization turns a pretrained causal LM (OPT, LLaMA) into a single *elastic* model
-that can be deployed at any unstructured sparsity s in [0, 0.7], instead of running SparseGPT or Wanda once
-per sparsity. Two ideas make it work:
+One short block-wise optimization turns a pretrained causal LM (OPT, LLaMA) into a single *elastic* model that
+can be deployed at any unstructured sparsity s in [0, 0.7]. MS-HiLoRA (Eq. 2) gives every linear W one LoRA pair
+(B_k, A_k) per sparsity group k, chained low -> high; MSFM (Eq. 4) trains the next block on a mix of this
+block's outputs at several sparsities. The whole algorithm, with the functions that implement it:
 
-  * MS-HiLoRA (Eq. 2): every linear layer W gets one LoRA pair (B_k, A_k) per sparsity group k. The groups
-    are chained low -> high, so a sparsity s in group k uses
-        W_s = (W + sum_{j<=k} B_j A_j) * M(s)
-    where M(s) is the Wanda mask at s (Eq. 1). The delta is masked, so W_s is exactly as sparse as M(s).
-  * MSFM (Eq. 4): the next block is trained on a fixed mix of this block's outputs at several sparsities,
-        X_mix <- sum_k w_k * f(X_mix; W_{s_k}).
+  optimize(model, windows, cfg):
+    X_dense = X_mix = capture_block_inputs(model, windows)           # two streams into block 0
+    for every decoder block f:
+      Y, norms = dense_targets_and_norms(f, X_dense)                  # dense targets, Wanda's ||X_j||
+      M(s) = mask_from_ranks(row_ranks(wanda_scores(W, norms)), s)    # Eq. 1, nested in s
+      W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s)                    # Eq. 2: elastic_weight, HiLoRALinear
+      phase1_train: every step draws s_k in each group k, loss = phase1_objective(f(X_mix; W_{s_k}), Y)  # Eq. 3
+      keep_0 = low_group_check(f, X_dense, Y)                         # group 0's adapter only if it helps
+      X_mix = phase2_mix: sum_k w_k f(X_mix; W_{s_k})                  # Eq. 4: mix_features
+      X_dense = Y
+  deploy(model, state, s): W <- W_s                                   # any s, one number or one per block
 
-The optimization runs block by block in two phases: Phase 1 learns the adapters with the guided objective
-(Eq. 3), Phase 2 mixes the features that feed the next block.
-
-This file reads in the paper's order:
-  0. Configuration        groups, ranks, mixer weights, optimizer settings (EPTSConfig)
-  1. Data                 calibration windows and evaluation tokens
-  2. Architecture map     which modules are the decoder blocks and which linears get pruned
-  3. Masks (Eq. 1)        Wanda score, per-row ranking, nested masks
-  4. MS-HiLoRA (Eq. 2)    group_of, elastic_weight, HiLoRALinear
-  5. Objective (Eq. 3)    recon_loss, phase1_objective
-  6. MSFM (Eq. 4)         mix_features
-  7. Block loop           capture_block_inputs, phase 1, low-group check, phase 2, optimize, checkpoints
-  8. Deploy               deploy, ElasticState save/load (safetensors + JSON header)
-  9. Baselines            magnitude, Wanda, SparseGPT (one shared sequential loop), dedicated runs, OWL
- 10. Evaluation           perplexity
- 11. Command line         main()
+The method (sections 0-8) comes first, in the paper's order; after the "harness" banner come checks and speed,
+baselines (magnitude, Wanda, SparseGPT, dedicated runs, OWL), artifacts, data and evaluation, the command line.
 
 Run:   python epts.py --model facebook/opt-125m
 Test:  python -m pytest -q test_epts.py
@@ -44,82 +36,635 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-
-FORMAT_VERSION = 1
 
 
 class EPTSError(Exception):
     """A user-facing error: the command line prints its message on one line and exits with status 2."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 0. Configuration
-# ----------------------------------------------------------------------------------------------------------
+# 0. Configuration: the paper's hyper-parameters ---------------------------------------------------------------
 
-# The seven sparsity groups (lo, hi] of the paper. Group 0 covers the easy low sparsities, the others are
-# narrow because the reconstruction gets hard quickly above 40%. A sparsity of exactly 0 means "dense".
+# The seven sparsity groups (lo, hi]: group 0 covers the easy low sparsities, the others are narrow because the
+# reconstruction gets hard quickly above 40%. A sparsity of exactly 0 means "dense".
 GROUPS: tuple[tuple[float, float], ...] = (
     (0.00, 0.40), (0.40, 0.45), (0.45, 0.50), (0.50, 0.55), (0.55, 0.60), (0.60, 0.65), (0.65, 0.70),
 )
-# MSFM weights w_k (Eq. 4): the high-sparsity outputs get more weight because they drift furthest from the
-# dense stream and the next block must learn to repair them.
+# MSFM weights w_k (Eq. 4): high-sparsity outputs drift furthest from the dense stream, so they weigh more.
 MIXER_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2)
 
 
 @dataclass
 class EPTSConfig:
-    """Everything that defines an EPTS run. Defaults follow the paper and the authors' reference code."""
+    """The hyper-parameters of an EPTS run; defaults follow the paper and the authors' code."""
 
     groups: tuple[tuple[float, float], ...] = GROUPS
     mixer: tuple[float, ...] = MIXER_WEIGHTS
-    rank: int = 8                    # LoRA rank r of every adapter pair (B_k, A_k)
+    rank: int = 8                               # LoRA rank r of every adapter pair (B_k, A_k)
     epochs: int = 10
-    lr: float = 1e-3                 # Adam, cosine-annealed to 0 over epochs x steps
+    lr: float = 1e-3                            # Adam, cosine-annealed to 0 over epochs x steps
     batch_size: int = 1
-    low_check_sparsity: float | None = 0.3  # where the low-group check compares adapter vs. mask only
+    low_check_sparsity: float | None = 0.3      # where the low-group check compares adapter vs. mask only
     seed: int = 0
-    amp: bool = True                 # bf16 autocast for the block's matmuls (CUDA only; fp32 on CPU)
-    reference_loop: bool = False     # True: one forward per group (plain loop); False: all groups batched
-    cuda_graph: bool = True          # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
-    infer_chunk: int = 8             # samples per no-grad forward (targets, check, Phase 2); results do not depend on it
-    fixed_sparsity: float | None = None  # a dedicated single-sparsity run (baseline), see dedicated_config
-
-    def validate(self) -> None:
-        validate_groups(self.groups)
-        if len(self.mixer) != len(self.groups):
-            raise EPTSError(f"mixer has {len(self.mixer)} weights but there are {len(self.groups)} groups")
-        if any(w < 0 for w in self.mixer) or abs(sum(self.mixer) - 1.0) > 1e-6:
-            raise EPTSError(f"mixer weights must be non-negative and sum to 1, got {list(self.mixer)}")
-        if self.rank <= 0:
-            raise EPTSError(f"--rank must be positive, got {self.rank}")
-        if self.epochs <= 0 or self.batch_size <= 0:
-            raise EPTSError(f"--epochs and --batch-size must be positive, got {self.epochs}, {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise EPTSError(f"--lr must be a positive number, got {self.lr}")
+    fixed_sparsity: float | None = None         # train every group at this one sparsity (dedicated baseline)
 
 
-def dedicated_config(cfg: EPTSConfig, sparsity: float) -> EPTSConfig:
-    """The "one optimization per sparsity" baseline that EPTS replaces: the same block reconstruction with a
-    single adapter trained at one fixed sparsity S on its own pruned stream -- one group (0, S], no mixer
-    (weight 1), no low-group check, and the rank of the chain EPTS uses at S: r * (group(S) + 1).
+# 1. Architecture map: which modules are the decoder blocks, which linears get pruned --------------------------
+
+# model_type -> (attribute path of the decoder blocks, the linears of one block that get pruned).
+# Embeddings, norms and lm_head are never pruned. To support another decoder-only family, add a row here.
+ARCHS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "opt": ("model.decoder.layers",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
+    "llama": ("model.layers",
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+}
+
+
+def arch_of(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in ARCHS:
+        raise EPTSError(f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}. "
+                        "To add one, put its decoder-block path and linear names in ARCHS in epts.py")
+    return ARCHS[model_type]
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_of(model)[0])
+
+
+def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every pruned linear, keyed "<block index>.<name in block>" (e.g. "3.self_attn.q_proj")."""
+    names = arch_of(model)[1]
+    return {f"{i}.{n}": block.get_submodule(n) for i, block in enumerate(decoder_blocks(model)) for n in names}
+
+
+def block_of(key: str) -> int:
+    """The block index of a pruned-linear key "<block index>.<name in block>"."""
+    return int(key.split(".", 1)[0])
+
+
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at the dotted path `name` inside `root`; returns the module that was there."""
+    parent, _, child = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, child)
+    setattr(owner, child, new)
+    return old
+
+
+# 2. Masks (Eq. 1): Wanda score, ranked once per row, so the masks at all sparsities are nested ----------------
+
+def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: S_ij = |W_ij| * ||X_j||_2, with ||X_j||_2 the L2 norm of input feature j over calibration tokens."""
+    return weight.abs().float() * act_norm.float().view(1, -1)
+
+
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every weight inside its output row: 0 = lowest score. Ties are broken by column (stable sort).
+
+    A single ranking per layer yields the mask at any sparsity, and makes masks nested by construction.
     """
-    k = group_of(sparsity, cfg.groups)
-    if k is None:
-        raise EPTSError("a dedicated run needs a sparsity > 0")
-    return EPTSConfig(groups=((0.0, sparsity),), mixer=(1.0,), rank=cfg.rank * (k + 1), epochs=cfg.epochs,
-                      lr=cfg.lr, batch_size=cfg.batch_size, low_check_sparsity=None, seed=cfg.seed, amp=cfg.amp,
-                      reference_loop=cfg.reference_loop, cuda_graph=cfg.cuda_graph, infer_chunk=cfg.infer_chunk,
-                      fixed_sparsity=sparsity)
+    order = torch.argsort(scores, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks.to(torch.int16 if scores.shape[1] < 2 ** 15 else torch.int32)  # a quarter of int64's memory
+
+
+def prune_count(sparsity: float | torch.Tensor, in_features: int) -> int | torch.Tensor:
+    """Weights removed per row: floor(s * in). The 1e-6 guards against 0.29 * 100 = 28.999999999999996."""
+    if isinstance(sparsity, torch.Tensor):
+        return torch.floor(sparsity.double() * in_features + 1e-6).long()
+    return math.floor(sparsity * in_features + 1e-6)
+
+
+def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
+    """M(s): keep the weights whose row rank is >= floor(s * in), i.e. drop each row's lowest-scoring ones.
+
+    ranks [out, in]; one sparsity -> [out, in]; a tensor of G sparsities -> G masks [G, out, in].
+    """
+    n = prune_count(sparsity, ranks.shape[-1])
+    return ranks >= (n.view(-1, 1, 1) if isinstance(n, torch.Tensor) else n)
+
+
+# 3. MS-HiLoRA (Eq. 2): W_s = (W + sum_{j<=k} B_j A_j) * M(s) for s in group k ---------------------------------
+
+NO_ADAPTER = -1  # a "group" index meaning: the mask alone, no adapter (dense s = 0, or a switched-off group 0)
+
+
+def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) -> int | None:
+    """The group k with lo_k < s <= hi_k; None for s = 0 (dense); an error outside [0, hi_last]."""
+    if not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
+        raise EPTSError(f"sparsity must be a number, got {sparsity!r}")
+    if sparsity == 0:
+        return None
+    for k, (lo, hi) in enumerate(groups):
+        if lo < sparsity <= hi:
+            return k
+    raise EPTSError(f"sparsity {sparsity} is outside the trained range [0, {groups[-1][1]}]")
+
+
+def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   sparsity: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 for G (sparsity, group) pairs at once -> [G, out, in]:
+
+        W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g)      (group_g = NO_ADAPTER: W * M(sparsity_g))
+
+    weight [out, in], ranks [out, in] (row_ranks), A [K, r, in], B [K, out, r], sparsity [G], group [G] long.
+    The sum over j <= k is the inheritance chain: a high-sparsity group reuses the adapters of every lower group
+    and adds its own. It is one matmul of stacked adapters, [B_0 .. B_k] @ [A_0; ..; A_k], computed here as B
+    with the columns of groups j > k zeroed. Masking the delta keeps W_g exactly as sparse as M(s).
+    """
+    K, out_f, r = B.shape
+    in_chain = torch.arange(K, device=group.device).view(1, 1, K, 1) <= group.view(-1, 1, 1, 1)  # [G,1,K,1]
+    B_chain = (B.permute(1, 0, 2).unsqueeze(0) * in_chain).reshape(-1, out_f, K * r)          # [G,out,K*r]
+    delta = B_chain @ A.reshape(K * r, -1)                                                   # [G,out,in]
+    return (weight.unsqueeze(0) + delta) * mask_from_ranks(ranks, sparsity)
+
+
+class HiLoRALinear(nn.Module):
+    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA).
+
+    `route(sparsity, group)` selects G (sparsity, group) pairs; the input's leading batch dimension is split into
+    G equal slices and slice g is multiplied by W_g (Eq. 2). G = 1 is the ordinary layer; G = K runs all groups
+    of a Phase-1 step in one batched forward pass of the whole block.
+    """
+
+    def __init__(self, base: nn.Linear, ranks: torch.Tensor, n_groups: int, rank: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base  # kept so the block can be restored; its parameters stay frozen
+        out_f, in_f = base.weight.shape
+        self.register_buffer("ranks", ranks, persistent=False)
+        A = torch.empty(n_groups, rank, in_f)
+        for k in range(n_groups):  # Kaiming-uniform(a=sqrt(5)) per A_k, as LoRA; fan_in is in_f
+            nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
+        self.A = nn.Parameter(A.to(base.weight.device))
+        self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=base.weight.device))  # B = 0: no-op at init
+        self.route(torch.zeros(1, dtype=torch.float64, device=base.weight.device),
+                   torch.full((1,), NO_ADAPTER, dtype=torch.long, device=base.weight.device))
+
+    def route(self, sparsity: torch.Tensor, group: torch.Tensor) -> None:
+        self.sparsity, self.group = sparsity, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = elastic_weight(self.base.weight, self.ranks, self.A, self.B, self.sparsity, self.group)
+        G, (out_f, in_f) = W.shape[0], self.base.weight.shape
+        y = torch.bmm(x.reshape(G, -1, in_f), W.transpose(1, 2))  # slice g of the batch times W_g^T
+        if self.base.bias is not None:
+            y = y + self.base.bias
+        return y.reshape(*x.shape[:-1], out_f)
+
+
+def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch.Tensor], cfg: EPTSConfig,
+                  generator: torch.Generator) -> dict[str, HiLoRALinear]:
+    """Replace each pruned linear of `block` by a HiLoRALinear; its masks rank the dense Wanda scores (Eq. 1)."""
+    layers = {}
+    for n in names:
+        base = block.get_submodule(n)
+        layers[n] = HiLoRALinear(base, row_ranks(wanda_scores(base.weight, norms[n])), len(cfg.groups), cfg.rank,
+                                 generator)
+        swap_module(block, n, layers[n])
+    return layers
+
+
+def detach_hilora(block: nn.Module, layers: dict[str, HiLoRALinear]) -> None:
+    """Put the original linears back."""
+    for n, layer in layers.items():
+        swap_module(block, n, layer.base)
+
+
+# 4. Objective (Eq. 3): block reconstruction, guided by the lowest-sparsity output -----------------------------
+
+def recon_loss(P: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """l(P, T) = ((P - T)^2).sum(over tokens).mean()  -- the authors' scale.
+
+    P, T: [..., batch, tokens, hidden]; the result keeps the leading dims (one loss per group when stacked).
+    """
+    return (P.float() - T.float()).pow(2).sum(dim=-2).mean(dim=(-2, -1))
+
+
+def phase1_objective(outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3 over the K group outputs O_k = f(X_mix; W_{s_k}) stacked as [K, batch, tokens, hidden]:
+
+        L_0 = l(O_0, Y),   L_k = 1/2 l(O_k, sg(O_0)) + 1/2 l(O_k, Y)  for k >= 1,   loss = sum_k L_k
+
+    sg is stop-gradient: the lowest-sparsity output guides the others without being pulled towards them.
+    Returns (loss, per-group losses detached).
+    """
+    to_target = recon_loss(outputs, target.unsqueeze(0))
+    to_guide = recon_loss(outputs[1:], outputs[:1].detach())
+    per_group = torch.cat([to_target[:1], 0.5 * to_guide + 0.5 * to_target[1:]])
+    return per_group.sum(), per_group.detach()
+
+
+# 5. MSFM (Eq. 4): the next block learns from a mix of this block's outputs at several sparsities --------------
+
+def mix_features(outputs: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Eq. 4: X_mix = sum_k w_k * O_k, outputs stacked as [K, ...]."""
+    w = torch.tensor(weights, dtype=outputs.dtype, device=outputs.device)
+    return torch.tensordot(w, outputs, dims=1)
+
+
+# 6. Calling one block: capture what block 0 is called with, then call any block on any stream -----------------
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block 0 for every window and record what block 0 is called with.
+
+    Returns (hidden states [N, seqlen, hidden], the keyword arguments of block 0's call: attention mask,
+    `position_embeddings`, position ids, cache flags -- whatever the installed transformers passes), both moved
+    to `device` in `dtype`. The model runs where it is (one window at a time; for a 7B model on the CPU only
+    the embeddings compute) and is not moved. Captured with batch 1, the kwargs broadcast over any batch.
+    """
+    blocks, kwargs, hidden = decoder_blocks(model), {}, []
+
+    def hook(module, args, kw):
+        x = args[0] if args else kw["hidden_states"]
+        hidden.append(x.to(device, dtype))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for w in windows:
+            try:
+                model(w.view(1, -1).to(model.device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden), _to(kwargs, device, dtype)
+
+
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Call a decoder block with captured kwargs; older transformers return a tuple, 5.x a tensor."""
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def in_chunks(X: torch.Tensor, chunk: int) -> list[slice]:
+    """Slices of `chunk` samples along X's first dimension: no-grad passes over a stream in bounded memory."""
+    return [slice(i, i + chunk) for i in range(0, len(X), chunk)]
+
+
+@torch.no_grad()
+def block_forward(block: nn.Module, X: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:
+    """f(X) for every sample of a stream, `chunk` samples at a time."""
+    return torch.cat([call_block(block, X[sl], kwargs) for sl in in_chunks(X, chunk)])
+
+
+def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
+                   sparsity: torch.Tensor, group: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """O_g = f(x; W_{s_g}) for G (sparsity, group) pairs -> [G, *x.shape].
+
+    Repeat x G times along the batch and run the block once; every HiLoRALinear applies slice g's weight to
+    slice g. Attention, norms and activations act per sample, so this equals G separate forwards -- which is
+    what `reference=True` runs, as a plain loop.
+    """
+    if reference:
+        outs = []
+        for g in range(len(group)):
+            for layer in layers.values():
+                layer.route(sparsity[g:g + 1], group[g:g + 1])
+            outs.append(call_block(block, x, kwargs))
+        return torch.stack(outs)
+    for layer in layers.values():
+        layer.route(sparsity, group)
+    G = len(group)
+    return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Per input feature sum_t x_tj^2 over the tokens of a batch: ||X_j||_2^2 accumulates it (Wanda)."""
+    return x.pow(2).sum(0)
+
+
+@torch.no_grad()
+def block_outputs_and_stats(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict, chunk: int,
+                            stat=sum_of_squares) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """f(X) for every sample, and stat(inputs) of every pruned linear, summed over all calibration tokens."""
+    acc: dict[str, Any] = {n: 0.0 for n in names}
+
+    def make_hook(n):
+        def hook(module, args):
+            x = args[0].detach().float()
+            acc[n] = acc[n] + stat(x.reshape(-1, x.shape[-1]))
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        Y = block_forward(block, X, kwargs, chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    return Y, acc
+
+
+def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict,
+                            chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Y = f(X; W) for the dense block, and ||X_j||_2 of the inputs of every pruned linear (Wanda's statistic)."""
+    Y, sq = block_outputs_and_stats(block, names, X, kwargs, chunk, sum_of_squares)
+    return Y, {n: v.sqrt() for n, v in sq.items()}
+
+
+# 7. The two-phase block loop: Phase 1 (adapters), low-group check, Phase 2 (mixed features), block by block ---
+
+def stratified_draws(groups: Sequence[tuple[float, float]], steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Sparsities for every Phase-1 step and group -> float64 [steps, K].
+
+    Group k = (lo, hi] is split into `steps` equal sub-intervals, they are shuffled, and step t draws uniformly
+    inside its sub-interval: every part of the group is visited once, in random order.
+    """
+    cols = []
+    for lo, hi in groups:
+        slot = torch.randperm(steps, generator=generator).double()
+        u = torch.rand(steps, generator=generator, dtype=torch.float64)
+        cols.append(hi - (slot + u) / steps * (hi - lo))  # in (lo, hi]
+    return torch.stack(cols, dim=1)
+
+
+def uniform_draws(groups: Sequence[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
+    """One sparsity drawn uniformly inside each group (lo, hi] -> float64 [K]."""
+    lo, hi = torch.tensor(groups, dtype=torch.float64).T
+    return hi - torch.rand(len(groups), generator=generator, dtype=torch.float64) * (hi - lo)
+
+
+def draw_sparsities(cfg: EPTSConfig, steps: int, generator: torch.Generator, stratified: bool = True) -> torch.Tensor:
+    """s_k for `steps` steps and every group k -> float64 [steps, K].
+
+    Phase 1 draws stratified inside each group, Phase 2 one uniform draw per group; a dedicated run
+    (cfg.fixed_sparsity) always uses its one sparsity.
+    """
+    if cfg.fixed_sparsity is not None:
+        return torch.full((steps, len(cfg.groups)), float(cfg.fixed_sparsity), dtype=torch.float64)
+    if stratified:
+        return stratified_draws(cfg.groups, steps, generator)
+    return torch.stack([uniform_draws(cfg.groups, generator) for _ in range(steps)])
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    """lr_t = base * (1 + cos(pi * t / T)) / 2: cosine annealing from `base` to 0 over T steps."""
+    return base * (1 + math.cos(math.pi * step / total)) / 2
+
+
+def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
+                 kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, runtime: Runtime | None = None,
+                 block_index: int = 0, progress: tqdm | None = None) -> list[list[float]]:
+    """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
+
+    Every step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses
+    and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch.
+    """
+    rt, device, K, bs = runtime or Runtime(), X_mix.device, len(cfg.groups), cfg.batch_size
+    batches = in_chunks(X_mix, bs)
+    total = cfg.epochs * len(batches)
+    draws = draw_sparsities(cfg, total, generator).to(device)  # s_k for every step, drawn up front
+    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+    groups = torch.arange(K, device=device)
+
+    def step(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt.amp and device.type == "cuda"):
+            loss, per_group = phase1_objective(forward_groups(block, layers, x, kwargs, s, groups,
+                                                              rt.reference_loop), y)
+        loss.backward()
+        opt.step()
+        return per_group
+
+    step = maybe_cuda_graph(step, opt, rt, X_mix, Y, draws, bs)  # same step, recorded once (harness)
+    history = []
+    for epoch in range(cfg.epochs):
+        epoch_loss = torch.zeros(K, device=device)
+        for t, batch in enumerate(batches, start=epoch * len(batches)):
+            epoch_loss += step(X_mix[batch], Y[batch], draws[t], cosine_lr(t, total, cfg.lr))
+        history.append(finite_losses(epoch_loss / len(batches), block_index, epoch))  # one host sync per epoch
+        show_progress(progress, len(batches), block=block_index, epoch=epoch, loss=f"{sum(history[-1]):.4g}")
+    return history
+
+
+@torch.no_grad()
+def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
+                    kwargs: dict, cfg: EPTSConfig, chunk: int = 8) -> tuple[bool, dict[str, float]]:
+    """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
+    if cfg.low_check_sparsity is None:
+        return True, {}
+    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=X_dense.device)
+    group = torch.tensor([0, NO_ADAPTER], device=X_dense.device)  # with the group-0 adapter / mask only
+    loss = torch.zeros(2, device=X_dense.device, dtype=torch.float64)
+    for sl in in_chunks(X_dense, chunk):
+        out = forward_groups(block, layers, X_dense[sl], kwargs, s, group)
+        loss += recon_loss(out, Y[sl].unsqueeze(0)).double() * len(out[0])  # recon_loss is a mean over samples
+    with_adapter, mask_only = (loss / len(X_dense)).tolist()
+    return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
+
+
+@torch.no_grad()
+def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, kwargs: dict,
+               cfg: EPTSConfig, generator: torch.Generator, low_group_enabled: bool, chunk: int = 8
+               ) -> tuple[torch.Tensor, list[float]]:
+    """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4).
+
+    Group 0 runs with the mask only when the check switched its adapter off: that is what deploy will use.
+    """
+    s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(X_mix.device)
+    group = torch.arange(len(cfg.groups), device=X_mix.device)
+    if not low_group_enabled:
+        group[0] = NO_ADAPTER
+    mixed = torch.empty_like(X_mix)
+    for sl in in_chunks(X_mix, chunk):
+        outputs = forward_groups(block, layers, X_mix[sl], kwargs, s, group)
+        mixed[sl] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
+    return mixed, s.tolist()
+
+
+@dataclass
+class BlockReport:
+    """What happened while optimizing one block (kept in the elastic state, shown by the CLI)."""
+
+    loss_history: list[list[float]] = field(default_factory=list)  # per epoch, mean Phase-1 loss per group
+    low_group_enabled: bool = True
+    low_check: dict[str, float] = field(default_factory=dict)      # l at s=0.3: with / without adapter
+    mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
+    seconds: dict[str, float] = field(default_factory=dict)        # wall time of each stage
+
+
+@dataclass
+class ElasticState:
+    """The elastic model minus its base weights: everything needed to deploy at any sparsity.
+
+    adapters[key] = (A [K, r, in], B [K, out, r]); act_norms[key] = ||X_j||_2 [in] of the dense inputs;
+    key = "<block>.<linear>". The masks are re-derived from the base weights and the norms.
+    """
+
+    groups: list[tuple[float, float]]
+    mixer: list[float]
+    rank: int
+    base_model: str = ""
+    fingerprint: dict = field(default_factory=dict)
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    reports: list[BlockReport] = field(default_factory=list)
+
+    @property
+    def low_group_enabled(self) -> list[bool]:
+        return [r.low_group_enabled for r in self.reports]
+
+
+def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor, X_mix: torch.Tensor,
+                   kwargs: dict, cfg: EPTSConfig, block_index: int, runtime: Runtime | None = None,
+                   progress: tqdm | None = None) -> tuple[dict, dict, BlockReport, torch.Tensor, torch.Tensor]:
+    """Both phases for one block (already on the compute device, in fp32).
+
+    Returns (adapters, act_norms, report, next X_dense = f(X_dense; W), next X_mix = sum_k w_k f(X_mix; W_{s_k})).
+    """
+    rt = runtime or Runtime()
+    report, clock = BlockReport(), Stopwatch(X_dense.device)
+    # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
+    Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, rt.infer_chunk)
+    report.seconds["targets"] = clock.lap()
+    trainable = {p: p.requires_grad for p in block.parameters()}
+    block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
+    layers = attach_hilora(block, names, norms, cfg, generator)
+    try:
+        report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, rt, block_index,
+                                           progress)
+        report.seconds["phase1"] = clock.lap()
+        report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg,
+                                                                     rt.infer_chunk)
+        report.seconds["low_check"] = clock.lap()
+        X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
+                                                  report.low_group_enabled, rt.infer_chunk)
+        report.seconds["phase2"] = clock.lap()
+        adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
+    finally:
+        detach_hilora(block, layers)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    report.seconds["total"] = sum(report.seconds.values())
+    return adapters, {n: v.cpu() for n, v in norms.items()}, report, Y, X_mix
+
+
+def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: str | torch.device = "cpu",
+             base_model: str = "", verbose: bool = True, checkpoint: str | None = None, resume: bool = False,
+             runtime: Runtime | None = None) -> ElasticState:
+    """EPTS: capture block 0's inputs, then for every block run Phase 1, the low-group check and Phase 2.
+
+    Only the current block is moved to `device` (in fp32); the rest of the model stays where it was loaded.
+    With `checkpoint`, the state so far and both streams are written atomically after every block, and
+    `resume=True` continues after the last finished block with the same result as an uninterrupted run.
+    """
+    validate_config(cfg)
+    device = torch.device(device)
+    _, names = arch_of(model)
+    model.eval()
+    X_dense, kwargs = capture_block_inputs(model, windows, device)
+    X_mix = X_dense.clone()  # block 0: both streams are the embeddings' output
+    state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
+                         base_model=base_model, fingerprint=fingerprint(model))
+    start = 0
+    if resume and checkpoint and os.path.isfile(checkpoint):
+        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, len(windows), base_model)
+        X_dense, X_mix = X_dense.to(device), X_mix.to(device)
+    steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
+    with tqdm(total=steps * len(decoder_blocks(model)), initial=steps * start, desc="EPTS", unit="step",
+              disable=not verbose) as progress:
+        for i, block in blocks_on(model, device, start):
+            adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg,
+                                                                     i, runtime, progress)
+            state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
+            state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
+            state.reports.append(report)
+            if checkpoint:
+                save_checkpoint(checkpoint, state, cfg, i + 1, X_dense, X_mix)
+    return state
+
+
+# 8. Deploy: one elastic state -> an ordinary transformers model at any sparsity -------------------------------
+
+def per_block_sparsities(sparsity: float | Sequence[float], n_blocks: int) -> list[float]:
+    """One sparsity for every block, from one number (uniform) or a list (non-uniform, e.g. OWL)."""
+    if isinstance(sparsity, (int, float)):
+        return [float(sparsity)] * n_blocks
+    sparsity = [float(s) for s in sparsity]
+    if len(sparsity) != n_blocks:
+        raise EPTSError(f"got {len(sparsity)} per-block sparsities for a model with {n_blocks} blocks")
+    return sparsity
+
+
+@torch.no_grad()
+def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[float],
+           dense: dict[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
+    """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2).
+
+    `sparsity` is one number or one per block (non-uniform deployment). `dense` is `snapshot_linears(model)`
+    taken before the first deploy: masks and merged weights always start from the dense weights.
+    The result is a plain transformers model with exactly floor(s * in) zeros in every row.
+    """
+    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
+    for key, lin in pruned_linears(model).items():
+        i = block_of(key)
+        s, k = per_block[i], group_of(per_block[i], state.groups)
+        W = dense[key].to(device or lin.weight.device, torch.float32)
+        if k is not None:
+            if k == 0 and not state.low_group_enabled[i]:
+                k = NO_ADAPTER
+            A, B = (t.to(W.device) for t in state.adapters[key])
+            ranks = row_ranks(wanda_scores(W, state.act_norms[key].to(W.device)))
+            W = elastic_weight(W, ranks, A, B, torch.tensor([s], dtype=torch.float64, device=W.device),
+                               torch.tensor([k], device=W.device))[0]
+        lin.weight.copy_(W.to(lin.weight.dtype))
+    return model
+
+
+def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every pruned linear's dense weight: deploy and every baseline start from these."""
+    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
+
+
+@torch.no_grad()
+def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
+    """Put the dense weights of `snapshot_linears` back."""
+    for key, lin in pruned_linears(model).items():
+        lin.weight.copy_(dense[key])
+    return model
+
+
+# ===== harness: nothing below changes the math =====
+
+# 9. Checks, speed and plumbing: validation, runtime options, the CUDA-graph step, one block at a time ---------
+
+def validate_config(cfg: EPTSConfig) -> None:
+    """Reject hyper-parameters the method cannot run with, in one line each."""
+    validate_groups(cfg.groups)
+    if len(cfg.mixer) != len(cfg.groups):
+        raise EPTSError(f"mixer has {len(cfg.mixer)} weights but there are {len(cfg.groups)} groups")
+    if any(w < 0 for w in cfg.mixer) or abs(sum(cfg.mixer) - 1.0) > 1e-6:
+        raise EPTSError(f"mixer weights must be non-negative and sum to 1, got {list(cfg.mixer)}")
+    if cfg.rank <= 0:
+        raise EPTSError(f"--rank must be positive, got {cfg.rank}")
+    if cfg.epochs <= 0 or cfg.batch_size <= 0:
+        raise EPTSError(f"--epochs and --batch-size must be positive, got {cfg.epochs}, {cfg.batch_size}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise EPTSError(f"--lr must be a positive number, got {cfg.lr}")
 
 
 def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
-    """Groups must tile (0, hi_last] without gaps or overlaps: 0 = lo_0 < hi_0 = lo_1 < hi_1 = ... <= 1."""
+    """Groups tile (0, hi_last] without gaps or overlaps: 0 = lo_0 < hi_0 = lo_1 < hi_1 = ... <= 1."""
     if not groups:
         raise EPTSError("at least one sparsity group is needed")
     if groups[0][0] != 0:
@@ -132,9 +677,450 @@ def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
                             f"{groups[k - 1][1]} but group {k} starts at {lo}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. Data
-# ----------------------------------------------------------------------------------------------------------
+def finite_losses(mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:
+    """The per-group mean losses as numbers; an error naming block and group if one is not finite."""
+    values = mean.tolist()
+    bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise EPTSError(f"Phase-1 loss became {values[bad[0]]} in block {block_index}, group {bad[0]} "
+                        f"(epoch {epoch}); try a lower --lr or --no-amp (fp32)")
+    return values
+
+
+def show_progress(progress: tqdm | None, steps: int, **postfix) -> None:
+    """Advance the optimization's progress bar (if any) and show where it is."""
+    if progress is not None:
+        progress.update(steps)
+        progress.set_postfix(**postfix)
+
+
+def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move the tensors of a (nested) argument structure; floating tensors optionally cast to `dtype`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over all pruned linears."""
+    zeros = total = 0
+    for lin in pruned_linears(model).values():
+        zeros += int((lin.weight == 0).sum())
+        total += lin.weight.numel()
+    return zeros / total
+
+
+@dataclass
+class Runtime:
+    """How the method runs on the hardware; none of these is a hyper-parameter of EPTS."""
+
+    amp: bool = True             # bf16 autocast for the Phase-1 matmuls (CUDA only; fp32 on the CPU)
+    cuda_graph: bool = True      # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
+    reference_loop: bool = False  # one forward per group (a plain loop) instead of all groups in one batch
+    infer_chunk: int = 8         # samples per no-grad forward (targets, check, Phase 2); results do not depend on it
+
+
+def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, X: torch.Tensor,
+                     Y: torch.Tensor, draws: torch.Tensor, batch_size: int) -> Callable:
+    """Record the Phase-1 `step(x, y, s, lr)` once as a CUDA graph and return a function that replays it.
+
+    Speed only: a step launches hundreds of small kernels, a replay launches one graph. The graph reads its
+    inputs from fixed buffers, so Adam must be capturable and its lr a tensor. The warm-up that CUDA graphs
+    need runs the step at lr 0 (no weight moves) and then resets Adam's moments and step counter, so training
+    is unchanged. On the CPU, with the reference loop, or with a smaller last batch the step runs eagerly.
+    """
+    if not (runtime.cuda_graph and X.device.type == "cuda" and not runtime.reference_loop
+            and len(X) % batch_size == 0):
+        return step
+    x, y, s = X[:batch_size].clone(), Y[:batch_size].clone(), draws[0].clone()
+    lr = torch.zeros((), device=X.device)
+    for group in opt.param_groups:
+        group["capturable"] = True
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(x, y, s, lr)
+        for moments in opt.state.values():
+            for v in moments.values():
+                v.zero_()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        per_group = step(x, y, s, lr)
+
+    def replay(x_new: torch.Tensor, y_new: torch.Tensor, s_new: torch.Tensor, lr_new: float) -> torch.Tensor:
+        x.copy_(x_new)
+        y.copy_(y_new)
+        s.copy_(s_new)
+        lr.fill_(lr_new)
+        graph.replay()
+        return per_group
+
+    return replay
+
+
+class Stopwatch:
+    """Wall-clock laps that wait for the GPU to finish (one sync per lap, never inside a training step)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device, self.t = torch.device(device), time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t
+
+
+def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
+    """Yield (index, block) for blocks >= start, each moved to `device` in fp32 while it is worked on and moved
+    back to where (and in the dtype) it was loaded afterwards: only one block is on the accelerator at a time."""
+    for i, block in enumerate(decoder_blocks(model)):
+        if i < start:
+            continue
+        p = next(block.parameters())
+        home, home_dtype = p.device, p.dtype
+        block.to(device, torch.float32)
+        try:
+            yield i, block
+        finally:
+            block.to(home, home_dtype)
+
+
+# 10. Baselines in the same harness: magnitude, Wanda, SparseGPT, dedicated runs, OWL layer-wise sparsity ------
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X over the tokens of a batch: the Hessian H = 2 X X^T / n accumulates it (SparseGPT)."""
+    return x.T @ x
+
+
+@torch.no_grad()
+def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.Module:
+    """Row-wise magnitude pruning: S_ij = |W_ij| (no data)."""
+    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
+    for key, lin in pruned_linears(model).items():
+        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), per_block[block_of(key)])
+        lin.weight.mul_(keep.to(lin.weight.dtype))
+    return model
+
+
+def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float) -> torch.Tensor:
+    """Wanda for one layer: W * M(s) with the row-wise mask of Eq. 1 (no weight update).
+
+    Takes the accumulated sum of squares (||X_j||^2) and n_tokens (unused: row-wise ranking ignores scale) so
+    that it has the same signature as sparsegpt_prune and plugs into prune_sequential.
+    """
+    return W * mask_from_ranks(row_ranks(wanda_scores(W, sum_sq.sqrt())), sparsity)
+
+
+def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float, blocksize: int = 128,
+                    percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023) for one layer: OBS pruning with weight updates.
+
+    With H = 2 X X^T / n (+ 1% of its mean diagonal for stability) and U the upper Cholesky factor of H^-1,
+    columns are visited left to right in blocks of 128. In each block the mask drops the weights of lowest
+    saliency w_ij^2 / U_jj^2 (jointly over the block's rows and columns). Visiting column j, the pruned
+    weights' error e = (w_j - q_j) / U_jj is pushed onto the not-yet-visited columns,
+        W[:, j:] -= e U[j, j:],
+    which is the optimal (OBS) compensation given the columns already fixed.
+    """
+    W = W.float().clone()
+    H = 2 * xtx.float() / n_tokens
+    dead = torch.diag(H) == 0          # inputs that are always zero: their weights are irrelevant
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.diag(H).mean() * torch.eye(len(H), device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1, U1, err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        d = torch.diag(U1)
+        saliency = (W1 ** 2 / d ** 2).flatten()
+        pruned = torch.zeros_like(saliency, dtype=torch.bool)
+        pruned[torch.topk(saliency, prune_count(sparsity, saliency.numel()), largest=False).indices] = True
+        pruned = pruned.view_as(W1)
+        for j in range(i2 - i1):
+            e = W1[:, j] * pruned[:, j] / d[j]
+            W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # column j becomes exactly 0 where pruned
+            err[:, j] = e
+        W[:, i1:i2] = W1.masked_fill(pruned, 0.0)
+        W[:, i2:] -= err @ U[i1:i2, i2:]  # the whole block's error onto the columns to its right
+    return W
+
+
+@torch.no_grad()
+def prune_sequential(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float], prune_layer,
+                     stat=sum_of_squares, device: str | torch.device = "cpu", chunk: int = 8, desc: str = "",
+                     verbose: bool = True) -> nn.Module:
+    """The sequential loop of Wanda and SparseGPT: block by block, statistics come from the *pruned* stream.
+
+    For each block: one forward on the current stream accumulates stat(inputs) of every linear, every linear
+    is replaced by prune_layer(W, stat, n_tokens, s), and the pruned block's outputs feed the next block.
+    """
+    device = torch.device(device)
+    _, names = arch_of(model)
+    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
+    model.eval()
+    X, kwargs = capture_block_inputs(model, windows, device)
+    for i, block in tqdm(blocks_on(model, device), desc=desc, unit="block", total=len(per_block), disable=not verbose):
+        _, stats = block_outputs_and_stats(block, names, X, kwargs, chunk, stat)
+        for n in names:
+            lin = block.get_submodule(n)
+            lin.weight.copy_(prune_layer(lin.weight, stats[n], windows.numel(), per_block[i]))
+        X = block_forward(block, X, kwargs, chunk)
+    return model
+
+
+def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
+                device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
+    """Wanda (Sun et al., 2023), sequential as in its paper."""
+    return prune_sequential(model, windows, sparsity, wanda_prune, sum_of_squares, device, desc="Wanda",
+                            verbose=verbose)
+
+
+def prune_sparsegpt(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
+                    device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
+    """SparseGPT (Frantar & Alistarh, 2023), unstructured, sequential as in its paper."""
+    return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
+                            verbose=verbose)
+
+
+def dedicated_config(cfg: EPTSConfig, sparsity: float) -> EPTSConfig:
+    """The "one optimization per sparsity" baseline that EPTS replaces: the same block reconstruction with a
+    single adapter trained at one fixed sparsity S on its own pruned stream -- one group (0, S], no mixer
+    (weight 1), no low-group check, and the rank of the chain EPTS uses at S: r * (group(S) + 1).
+    """
+    k = group_of(sparsity, cfg.groups)
+    if k is None:
+        raise EPTSError("a dedicated run needs a sparsity > 0")
+    return replace(cfg, groups=((0.0, sparsity),), mixer=(1.0,), rank=cfg.rank * (k + 1), low_check_sparsity=None,
+                   fixed_sparsity=sparsity)
+
+
+@torch.no_grad()
+def dense_act_norms(model: nn.Module, windows: torch.Tensor, device: str | torch.device = "cpu",
+                    chunk: int = 8) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every pruned linear's inputs on the dense model (what EPTS stores in its state)."""
+    device = torch.device(device)
+    _, names = arch_of(model)
+    X, kwargs = capture_block_inputs(model, windows, device)
+    norms = {}
+    for i, block in blocks_on(model, device):
+        X, block_norms = dense_targets_and_norms(block, names, X, kwargs, chunk)
+        norms.update({f"{i}.{n}": v.cpu() for n, v in block_norms.items()})
+    return norms
+
+
+def owl_sparsities(dense: dict[str, torch.Tensor], act_norms: dict[str, torch.Tensor], target: float,
+                   lam: float = 0.08, M: float = 5.0, limits: tuple[float, float] = (0.0, 1.0)) -> list[float]:
+    """OWL (Yin et al., 2023): outlier-weighted layer-wise sparsity, one sparsity per block.
+
+    A block's outlier ratio D_i is the share of its Wanda scores (all its linears pooled) above M times their
+    mean. With D normalized to [0, 1], s_i = target - 2 lam (D_i - mean D): more outliers, fewer pruned
+    weights, every s_i within target +- lam (the OWL paper's range). Each s_i is then clamped to `limits`
+    (for an elastic model: the trained range) while the mean is kept at the target where that is possible.
+    """
+    n_blocks = 1 + max(block_of(k) for k in dense)
+    ratios = []
+    for i in range(n_blocks):
+        scores = torch.cat([wanda_scores(W, act_norms[k]).flatten() for k, W in dense.items()
+                            if block_of(k) == i])
+        ratios.append(float((scores > M * scores.mean()).float().mean()))
+    D = torch.tensor(ratios, dtype=torch.float64)
+    D = (D - D.min()) / (D.max() - D.min()) if D.max() > D.min() else torch.zeros_like(D)
+    s = target - 2 * lam * (D - D.mean())
+    lo, hi = limits
+    for _ in range(100):  # clamp, then spread what clamping removed over the blocks still free to move
+        s = s.clamp(lo, hi)
+        gap = target * n_blocks - float(s.sum())
+        free = (s > lo) & (s < hi) if gap else None
+        if abs(gap) < 1e-9 or not bool(free.any()):
+            break
+        s[free] += gap / int(free.sum())
+    return s.clamp(lo, hi).tolist()
+
+
+def load_schedule(schedule: str, n_blocks: int) -> list[float] | None:
+    """--schedule PATH: a JSON list of per-block sparsities (None for 'uniform' / 'owl', computed elsewhere)."""
+    if schedule in ("uniform", "owl"):
+        return None
+    try:
+        with open(schedule) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EPTSError(f"--schedule must be uniform, owl or a JSON file of per-block sparsities: {e}") from e
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+        raise EPTSError(f"--schedule file '{schedule}' must hold a JSON list of numbers")
+    return per_block_sparsities(values, n_blocks)
+
+
+METHODS = ("epts", "dedicated", "wanda", "sparsegpt", "magnitude")
+
+
+def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], dense: dict[str, torch.Tensor],
+             windows: torch.Tensor | None = None, state: ElasticState | None = None, cfg: EPTSConfig | None = None,
+             device: str | torch.device = "cpu", verbose: bool = False, runtime: Runtime | None = None,
+             base_model: str = "") -> nn.Module:
+    """`method`'s model at `sparsity` (one number, or one per block), written into `model` from `dense`.
+
+    epts deploys the elastic `state`; dedicated runs one EPTS-style optimization at that sparsity (`cfg`);
+    wanda and sparsegpt prune sequentially on the calibration `windows`; magnitude needs no data.
+    """
+    restore_dense(model, dense)  # every method starts from the dense weights
+    if method == "epts":
+        return deploy(model, state, sparsity, dense, device)
+    if method == "dedicated":
+        if not isinstance(sparsity, (int, float)):
+            raise EPTSError("--method dedicated trains one uniform sparsity; use --schedule uniform")
+        single = optimize(model, windows, dedicated_config(cfg, sparsity), device, base_model, verbose,
+                          runtime=runtime)
+        return deploy(model, single, sparsity, dense, device)
+    if method == "wanda":
+        return prune_wanda(model, windows, sparsity, device, verbose)
+    if method == "sparsegpt":
+        return prune_sparsegpt(model, windows, sparsity, device, verbose)
+    if method == "magnitude":
+        return prune_magnitude(model, sparsity)
+    raise EPTSError(f"unknown method '{method}'; one of {', '.join(METHODS)}")
+
+
+def sweep(model: nn.Module, method: str, targets: Sequence[float], dense: dict[str, torch.Tensor],
+          evaluate: Callable[[], dict[str, float]], schedule: Callable[[float], Any] | None = None, **how):
+    """The method x sparsity loop (command line, benchmarks, tutorial): for every target sparsity, sparsify
+    (`schedule(target)` -> one number or one per block; default the target itself), then yield a row
+    {sparsity, achieved_sparsity, ppl: evaluate(), seconds}. The dense weights are back at the end.
+    """
+    try:
+        for target in targets:
+            sparsity = schedule(target) if schedule is not None else target
+            clock = Stopwatch(how.get("device", "cpu"))
+            sparsify(model, method, sparsity, dense, **how)
+            row = {"sparsity": target, "achieved_sparsity": measured_sparsity(model), "seconds": clock.lap()}
+            row["ppl"] = evaluate()
+            if not isinstance(sparsity, (int, float)):
+                row["per_block"] = list(sparsity)
+            yield row
+    finally:
+        restore_dense(model, dense)
+
+
+# 11. Artifacts and checkpoints: safetensors with a JSON header, no pickle, no base weights --------------------
+
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Identify the base weights: a hash of the pruned linears' shapes plus a few weight statistics.
+
+    Statistics instead of a byte hash so the same model loaded in fp32, fp16 or bf16 matches.
+    """
+    lins = pruned_linears(model)
+    shapes = json.dumps({k: list(v.weight.shape) for k, v in lins.items()}, sort_keys=True)
+    probe_keys = sorted(lins)[:: max(1, len(lins) // 8)]
+    probe = [float(lins[k].weight.detach().float().abs().mean()) for k in probe_keys]
+    return {"shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16], "probe": probe}
+
+
+def check_fingerprint(state: ElasticState, model: nn.Module, model_name: str) -> None:
+    fp = fingerprint(model)
+    same = fp["shapes"] == state.fingerprint.get("shapes") and len(fp["probe"]) == len(
+        state.fingerprint.get("probe", [])) and all(
+        math.isclose(a, b, rel_tol=1e-2) for a, b in zip(fp["probe"], state.fingerprint["probe"]))
+    if not same:
+        raise EPTSError(f"the elastic state was made for base model '{state.base_model}', "
+                        f"but '{model_name}' has different weights")
+
+
+def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for key, (A, B) in state.adapters.items():
+        tensors[f"{key}.A"], tensors[f"{key}.B"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
+    tensors.update({f"{key}.act_norm": v.float().contiguous() for key, v in state.act_norms.items()})
+    return tensors
+
+
+def _state_header(state: ElasticState) -> dict:
+    return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
+            "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
+            "reports": [asdict(r) for r in state.reports]}
+
+
+def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
+    state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
+                         base_model=header["base_model"], fingerprint=header["fingerprint"],
+                         reports=[BlockReport(**r) for r in header["reports"]])
+    for name in tensors:
+        if name.endswith(".act_norm"):
+            key = name[: -len(".act_norm")]
+            state.act_norms[key] = tensors[name]
+            state.adapters[key] = (tensors[f"{key}.A"].float(), tensors[f"{key}.B"].float())
+    return state
+
+
+def _write(path: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """safetensors with a JSON header in its metadata, written to a temporary file and renamed (atomic)."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"epts": json.dumps(header)})
+    os.replace(tmp, path)  # a crash never leaves half a file behind
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise EPTSError(f"no elastic state at '{path}'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("epts", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 -- any parse failure means "not an artifact"
+        raise EPTSError(f"'{path}' is not an EPTS elastic state ({str(e).splitlines()[0]})") from e
+    if header.get("format") != "epts":
+        raise EPTSError(f"'{path}' is not an EPTS elastic state")
+    if header.get("version", 0) > FORMAT_VERSION:
+        raise EPTSError(f"'{path}' has format version {header['version']}, newer than this epts.py reads "
+                        f"({FORMAT_VERSION}); update epts.py")
+    return tensors, header
+
+
+def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32) -> None:
+    """The elastic artifact: adapters (in `dtype`) + activation norms + a JSON header, as safetensors.
+
+    No pickle, no base weights, no masks (they are re-derived from the base weights and the norms).
+    """
+    _write(path, _state_tensors(state, dtype), _state_header(state))
+
+
+def load_elastic(path: str) -> ElasticState:
+    return _state_from(*_read(path))
+
+
+def save_checkpoint(path: str, state: ElasticState, cfg: EPTSConfig, next_block: int, X_dense: torch.Tensor,
+                    X_mix: torch.Tensor) -> None:
+    """The elastic state so far plus both streams at the input of `next_block` (atomic write)."""
+    _write(path, {**_state_tensors(state), "stream.dense": X_dense.cpu(), "stream.mix": X_mix.cpu()},
+           {**_state_header(state), "next_block": next_block, "config": asdict(cfg)})
+
+
+def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int, model_name: str = ""
+                    ) -> tuple[ElasticState, int, torch.Tensor, torch.Tensor]:
+    """(state so far, next block, X_dense, X_mix) of a checkpoint made with the same config and base model."""
+    tensors, header = _read(path)
+    saved = header.get("config", {})
+    if json.loads(json.dumps(asdict(cfg))) != saved or len(tensors["stream.dense"]) != nsamples:
+        raise EPTSError(f"checkpoint '{path}' was made with other settings; remove it or run with the same "
+                        f"arguments (saved config: {saved})")
+    state = _state_from(tensors, header)
+    check_fingerprint(state, model, model_name)
+    return state, header["next_block"], tensors["stream.dense"], tensors["stream.mix"]
+
+
+# 12. Data and evaluation --------------------------------------------------------------------------------------
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole corpus once (the length warning of the tokenizer does not apply to corpora)."""
@@ -213,927 +1199,6 @@ def eval_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
     return _tokenize(tokenizer, text)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Architecture map
-# ----------------------------------------------------------------------------------------------------------
-
-# model_type -> (attribute path of the decoder blocks, the linears of one block that get pruned).
-# Embeddings, norms and lm_head are never pruned. To support another decoder-only family, add a row here.
-ARCHS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "opt": ("model.decoder.layers",
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
-    "llama": ("model.layers",
-              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
-}
-
-
-def arch_of(model: nn.Module) -> tuple[str, tuple[str, ...]]:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    if model_type not in ARCHS:
-        raise EPTSError(f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}. "
-                        "To add one, put its decoder-block path and linear names in ARCHS in epts.py")
-    return ARCHS[model_type]
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(arch_of(model)[0])
-
-
-def block_of(key: str) -> int:
-    """The block index of a pruned-linear key "<block index>.<name in block>"."""
-    return int(key.split(".", 1)[0])
-
-
-def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every pruned linear, keyed "<block index>.<name in block>" (e.g. "3.self_attn.q_proj")."""
-    names = arch_of(model)[1]
-    return {f"{i}.{n}": block.get_submodule(n) for i, block in enumerate(decoder_blocks(model)) for n in names}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Masks (Eq. 1): Wanda score, ranked once per row, so masks at all sparsities are nested
-# ----------------------------------------------------------------------------------------------------------
-
-def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: S_ij = |W_ij| * ||X_j||_2, with ||X_j||_2 the L2 norm of input feature j over calibration tokens."""
-    return weight.abs().float() * act_norm.float().view(1, -1)
-
-
-def row_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every weight inside its output row: 0 = lowest score. Ties are broken by column (stable sort).
-
-    A single ranking per layer yields the mask at any sparsity, and makes masks nested by construction.
-    """
-    order = torch.argsort(scores, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return ranks.to(torch.int16 if scores.shape[1] < 2 ** 15 else torch.int32)  # a quarter of int64's memory
-
-
-def prune_count(sparsity: float | torch.Tensor, in_features: int) -> int | torch.Tensor:
-    """Weights removed per row: floor(s * in). The 1e-6 guards against 0.29 * 100 = 28.999999999999996."""
-    if isinstance(sparsity, torch.Tensor):
-        return torch.floor(sparsity.double() * in_features + 1e-6).long()
-    return math.floor(sparsity * in_features + 1e-6)
-
-
-def mask_from_ranks(ranks: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """M(s): keep the weights whose row rank is >= floor(s * in), i.e. drop each row's lowest-scoring ones."""
-    return ranks >= prune_count(sparsity, ranks.shape[1])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. MS-HiLoRA (Eq. 2): W_s = (W + sum_{j<=k} B_j A_j) * M(s) for s in group k
-# ----------------------------------------------------------------------------------------------------------
-
-def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) -> int | None:
-    """The group k with lo_k < s <= hi_k; None for s = 0 (dense); an error outside [0, hi_last]."""
-    if not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
-        raise EPTSError(f"sparsity must be a number, got {sparsity!r}")
-    if sparsity == 0:
-        return None
-    for k, (lo, hi) in enumerate(groups):
-        if lo < sparsity <= hi:
-            return k
-    raise EPTSError(f"sparsity {sparsity} is outside the trained range [0, {groups[-1][1]}]")
-
-
-def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                   sparsity: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 for G (sparsity, group) pairs at once -> [G, out, in].
-
-        W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g),   group_g = -1 meaning "no adapter".
-
-    weight [out, in], ranks [out, in] (row_ranks), A [K, r, in], B [K, out, r], sparsity [G], group [G] long.
-    The sum over j <= k is the inheritance chain: a high-sparsity group reuses the adapters of every lower
-    group and adds its own. It is one matmul of stacked adapters, [B_0 .. B_k] @ [A_0; ..; A_k], computed
-    here as B with the columns of groups j > k zeroed. Masking the delta keeps W_g exactly as sparse as M(s).
-    """
-    K, out_f, r = B.shape
-    in_chain = torch.arange(K, device=group.device).view(1, 1, K, 1) <= group.view(-1, 1, 1, 1)  # [G,1,K,1]
-    B_chain = (B.permute(1, 0, 2).unsqueeze(0) * in_chain).reshape(-1, out_f, K * r)          # [G,out,K*r]
-    delta = B_chain @ A.reshape(K * r, -1)                                                   # [G,out,in]
-    keep = ranks.unsqueeze(0) >= prune_count(sparsity, ranks.shape[1]).view(-1, 1, 1)
-    return (weight.unsqueeze(0) + delta) * keep
-
-
-class HiLoRALinear(nn.Module):
-    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA).
-
-    `route(sparsity, group)` selects G (sparsity, group) pairs; the input's leading batch dimension is split
-    into G equal slices and slice g is multiplied by W_g (Eq. 2). G = 1 is the ordinary layer; G = K runs all
-    groups of a Phase-1 step in one batched forward pass of the whole block.
-    """
-
-    def __init__(self, base: nn.Linear, ranks: torch.Tensor, n_groups: int, rank: int,
-                 generator: torch.Generator | None = None):
-        super().__init__()
-        self.base = base  # kept so the block can be restored; its parameters stay frozen
-        out_f, in_f = base.weight.shape
-        self.register_buffer("ranks", ranks, persistent=False)
-        A = torch.empty(n_groups, rank, in_f)
-        for k in range(n_groups):  # Kaiming-uniform(a=sqrt(5)) per A_k, as LoRA; fan_in is in_f
-            nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
-        self.A = nn.Parameter(A.to(base.weight.device))
-        self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=base.weight.device))  # B = 0: no-op at init
-        self.sparsity = torch.zeros(1, dtype=torch.float64, device=base.weight.device)
-        self.group = torch.full((1,), -1, dtype=torch.long, device=base.weight.device)
-
-    def route(self, sparsity: torch.Tensor, group: torch.Tensor) -> None:
-        self.sparsity, self.group = sparsity, group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = elastic_weight(self.base.weight, self.ranks, self.A, self.B, self.sparsity, self.group)
-        G, (out_f, in_f) = W.shape[0], self.base.weight.shape
-        y = torch.bmm(x.reshape(G, -1, in_f), W.transpose(1, 2))  # slice g of the batch times W_g^T
-        if self.base.bias is not None:
-            y = y + self.base.bias
-        return y.reshape(*x.shape[:-1], out_f)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Objective (Eq. 3): block reconstruction, guided by the lowest-sparsity output
-# ----------------------------------------------------------------------------------------------------------
-
-def recon_loss(P: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """l(P, T) = ((P - T)^2).sum(over tokens).mean()  -- the authors' scale.
-
-    P, T: [..., batch, tokens, hidden]; the result keeps the leading dims (one loss per group when stacked).
-    """
-    return (P.float() - T.float()).pow(2).sum(dim=-2).mean(dim=(-2, -1))
-
-
-def phase1_objective(outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 3 over the K group outputs O_k = f(X_mix; W_{s_k}) stacked as [K, batch, tokens, hidden]:
-
-        L_0 = l(O_0, Y),   L_k = 1/2 l(O_k, sg(O_0)) + 1/2 l(O_k, Y)  for k >= 1,   loss = sum_k L_k
-
-    sg is stop-gradient: the lowest-sparsity output guides the others without being pulled towards them.
-    Returns (loss, per-group losses detached).
-    """
-    to_target = recon_loss(outputs, target.unsqueeze(0))
-    to_guide = recon_loss(outputs[1:], outputs[:1].detach())
-    per_group = torch.cat([to_target[:1], 0.5 * to_guide + 0.5 * to_target[1:]])
-    return per_group.sum(), per_group.detach()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. MSFM (Eq. 4): the next block learns from a mix of this block's outputs at several sparsities
-# ----------------------------------------------------------------------------------------------------------
-
-def mix_features(outputs: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """Eq. 4: X_mix = sum_k w_k * O_k, outputs stacked as [K, ...]."""
-    w = torch.tensor(weights, dtype=outputs.dtype, device=outputs.device)
-    return torch.tensordot(w, outputs, dims=1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Block loop: capture block 0's inputs once, then optimize block by block
-# ----------------------------------------------------------------------------------------------------------
-
-class _StopForward(Exception):
-    pass
-
-
-def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
-    """Move the tensors of a (nested) argument structure; floating tensors optionally cast to `dtype`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    return obj
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str = "cpu",
-                         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict]:
-    """Run the model up to block 0 for every window and record what block 0 is called with.
-
-    Returns (hidden states [N, seqlen, hidden] on `device`, the keyword arguments of block 0's call: the
-    attention mask, `position_embeddings`, position ids, cache flags -- whatever the installed transformers
-    passes). Captured with batch 1, they broadcast over any batch, so every block can be called with them.
-    Only the modules before block 0 are moved to `device`; the blocks stay where they were loaded.
-    """
-    blocks, kwargs, hidden = decoder_blocks(model), {}, []
-
-    def hook(module, args, kw):
-        x = args[0] if args else kw["hidden_states"]
-        hidden.append(x.to(device, dtype))
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
-
-    # Run the pre-block modules on the CPU copy of the model: for a 7B model only the embeddings matter.
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for w in windows:
-            try:
-                model(w.view(1, -1).to(model.device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(hidden), _to(kwargs, device, dtype)
-
-
-def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
-    """Yield (index, block) for blocks >= start, each moved to `device` in fp32 while it is worked on and moved
-    back to where (and in the dtype) it was loaded afterwards: only one block is on the accelerator at a time."""
-    for i, block in enumerate(decoder_blocks(model)):
-        if i < start:
-            continue
-        p = next(block.parameters())
-        home, home_dtype = p.device, p.dtype
-        block.to(device, torch.float32)
-        try:
-            yield i, block
-        finally:
-            block.to(home, home_dtype)
-
-
-def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Call a decoder block with captured kwargs; older transformers return a tuple, 5.x a tensor."""
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    """Per input feature sum_t x_tj^2 over the tokens of a batch: ||X_j||_2^2 accumulates it (Wanda)."""
-    return x.pow(2).sum(0)
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X over the tokens of a batch: the Hessian H = 2 X X^T / n accumulates it (SparseGPT)."""
-    return x.T @ x
-
-
-@torch.no_grad()
-def block_outputs_and_stats(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict, chunk: int,
-                            stat=sum_of_squares) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """f(X) for every sample, and stat(inputs) of every pruned linear, summed over all calibration tokens."""
-    acc: dict[str, Any] = {n: 0.0 for n in names}
-
-    def make_hook(n):
-        def hook(module, args):
-            x = args[0].detach().float()
-            acc[n] = acc[n] + stat(x.reshape(-1, x.shape[-1]))
-        return hook
-
-    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    try:
-        Y = torch.cat([call_block(block, X[i:i + chunk], kwargs) for i in range(0, len(X), chunk)])
-    finally:
-        for h in handles:
-            h.remove()
-    return Y, acc
-
-
-def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Tensor, kwargs: dict,
-                            chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Y = f(X; W) for the dense block, and ||X_j||_2 of the inputs of every pruned linear (Wanda's statistic)."""
-    Y, sq = block_outputs_and_stats(block, names, X, kwargs, chunk, sum_of_squares)
-    return Y, {n: v.sqrt() for n, v in sq.items()}
-
-
-def stratified_draws(groups: Sequence[tuple[float, float]], steps: int, generator: torch.Generator
-                     ) -> torch.Tensor:
-    """Sparsities for every Phase-1 step and group -> float64 [steps, K].
-
-    Group k = (lo, hi] is split into `steps` equal sub-intervals, they are shuffled, and step t draws uniformly
-    inside its sub-interval: every part of the group is visited once, in random order.
-    """
-    cols = []
-    for lo, hi in groups:
-        slot = torch.randperm(steps, generator=generator).double()
-        u = torch.rand(steps, generator=generator, dtype=torch.float64)
-        cols.append(hi - (slot + u) / steps * (hi - lo))  # in (lo, hi]
-    return torch.stack(cols, dim=1)
-
-
-def uniform_draws(groups: Sequence[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
-    """One sparsity drawn uniformly inside each group (lo, hi] -> float64 [K] (used by Phase 2)."""
-    lo, hi = torch.tensor(groups, dtype=torch.float64).T
-    return hi - torch.rand(len(groups), generator=generator, dtype=torch.float64) * (hi - lo)
-
-
-def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch.Tensor], cfg: EPTSConfig,
-                  generator: torch.Generator) -> dict[str, HiLoRALinear]:
-    """Replace each pruned linear of `block` by a HiLoRALinear (ranks from the dense Wanda scores)."""
-    layers = {}
-    for n in names:
-        base = block.get_submodule(n)
-        ranks = row_ranks(wanda_scores(base.weight, norms[n]))
-        layers[n] = HiLoRALinear(base, ranks, len(cfg.groups), cfg.rank, generator)
-        parent, _, child = n.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, layers[n])
-    return layers
-
-
-def detach_hilora(block: nn.Module, layers: dict[str, HiLoRALinear]) -> None:
-    for n, layer in layers.items():
-        parent, _, child = n.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, layer.base)
-
-
-def route_all(layers: dict[str, HiLoRALinear], sparsity: torch.Tensor, group: torch.Tensor) -> None:
-    for layer in layers.values():
-        layer.route(sparsity, group)
-
-
-def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
-                   sparsity: torch.Tensor, group: torch.Tensor, reference: bool = False) -> torch.Tensor:
-    """O_g = f(x; W_{s_g}) for G (sparsity, group) pairs -> [G, *x.shape].
-
-    Fast path: repeat x G times along the batch and run the block once; every HiLoRALinear applies slice g's
-    weight to slice g. Attention, norms and activations act per sample, so this equals G separate forwards.
-    Reference path (`reference=True`): the plain loop of G separate forwards.
-    """
-    if reference:
-        outs = []
-        for g in range(len(group)):
-            route_all(layers, sparsity[g:g + 1], group[g:g + 1])
-            outs.append(call_block(block, x, kwargs))
-        return torch.stack(outs)
-    route_all(layers, sparsity, group)
-    G = len(group)
-    return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
-
-
-class _Stopwatch:
-    """Wall-clock laps that wait for the GPU to finish (one sync per lap, never inside a training step)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.t = device, time.perf_counter()
-
-    def lap(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t, self.t = self.t, time.perf_counter()
-        return self.t - t
-
-
-@dataclass
-class BlockReport:
-    """What happened while optimizing one block (kept in the elastic state, shown by the CLI)."""
-
-    loss_history: list[list[float]] = field(default_factory=list)  # per epoch, mean Phase-1 loss per group
-    low_group_enabled: bool = True
-    low_check: dict[str, float] = field(default_factory=dict)      # l at s=0.3: with / without adapter
-    mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
-    seconds: dict[str, float] = field(default_factory=dict)        # wall time of each stage
-
-
-def cosine_lr(step: int, total: int, base: float) -> float:
-    """lr_t = base * (1 + cos(pi * t / T)) / 2: cosine annealing from `base` to 0 over T steps."""
-    return base * (1 + math.cos(math.pi * step / total)) / 2
-
-
-def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
-                 kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, block_index: int = 0,
-                 progress: tqdm | None = None) -> list[list[float]]:
-    """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
-
-    For every batch, every group k draws s_k (stratified), O_k = f(X_mix; W_{s_k}) and the guided losses are
-    summed; one Adam step (cosine-annealed lr) follows. Returns the mean loss per group for every epoch.
-
-    Speed without changing the math: all draws are made up front, the step reads its batch and sparsities
-    from fixed ("static") buffers and never syncs with the host, and on CUDA the whole step -- forward of all
-    groups, backward, Adam -- is recorded once as a CUDA graph and replayed (`cfg.cuda_graph`).
-    """
-    device, K, B = X_mix.device, len(cfg.groups), cfg.batch_size
-    batches = [(i, min(i + B, len(X_mix))) for i in range(0, len(X_mix), B)]
-    total = cfg.epochs * len(batches)
-    draws = stratified_draws(cfg.groups, total, generator)
-    if cfg.fixed_sparsity is not None:
-        draws = torch.full_like(draws, cfg.fixed_sparsity)
-    draws = draws.to(device)
-    graph = cfg.cuda_graph and device.type == "cuda" and not cfg.reference_loop and len(X_mix) % B == 0
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr  # a tensor lr can change inside a graph
-    opt = torch.optim.Adam(params, lr=lr, fused=device.type == "cuda", capturable=graph)
-    group = torch.arange(K, device=device)
-    x_buf, y_buf, s_buf = X_mix[:B].clone(), Y[:B].clone(), draws[0].clone()  # the step's inputs
-    amp = cfg.amp and device.type == "cuda"
-
-    def forward_backward() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = forward_groups(block, layers, x_buf, kwargs, s_buf, group, cfg.reference_loop)
-            loss, per_group = phase1_objective(outputs, y_buf)
-        loss.backward()
-        return per_group
-
-    if graph:
-        per_group_out, replay = _capture_step(forward_backward, opt, params)
-    history, step = [], 0
-    for epoch in range(cfg.epochs):
-        epoch_loss = torch.zeros(K, device=device)
-        for a, b in batches:
-            if b - a != len(x_buf):  # a last, smaller batch
-                x_buf, y_buf = X_mix[a:b].clone(), Y[a:b].clone()
-            x_buf.copy_(X_mix[a:b])
-            y_buf.copy_(Y[a:b])
-            s_buf.copy_(draws[step])
-            if graph:
-                opt.param_groups[0]["lr"].fill_(cosine_lr(step, total, cfg.lr))
-                replay()
-                epoch_loss += per_group_out
-            else:
-                opt.param_groups[0]["lr"] = cosine_lr(step, total, cfg.lr)
-                opt.zero_grad(set_to_none=True)
-                epoch_loss += forward_backward()
-                opt.step()
-            step += 1
-        mean = (epoch_loss / len(batches)).tolist()  # the only host sync: once per epoch
-        bad = [k for k, v in enumerate(mean) if not math.isfinite(v)]
-        if bad:
-            raise EPTSError(f"Phase-1 loss became {mean[bad[0]]} in block {block_index}, group {bad[0]} "
-                            f"(epoch {epoch}); try a lower --lr or --no-amp (fp32)")
-        history.append(mean)
-        if progress is not None:
-            progress.update(len(batches))
-            progress.set_postfix(block=block_index, epoch=epoch, loss=f"{sum(mean):.4g}")
-    return history
-
-
-def _capture_step(forward_backward, opt: torch.optim.Optimizer, params: list[torch.Tensor]):
-    """Record one training step (forward, backward, Adam) as a CUDA graph without changing the training.
-
-    CUDA graphs need one warm-up run. It runs forward + backward, then Adam on *zeroed* gradients: no weight
-    moves and the moments stay 0; only Adam's step counter advances, and it is reset to 0.
-    Returns (the per-group loss buffer the graph writes, replay).
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.zero_grad(set_to_none=True)
-        forward_backward()
-        for p in params:
-            p.grad.zero_()
-        opt.step()
-        for p in params:
-            opt.state[p]["step"].zero_()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        per_group = forward_backward()
-        opt.step()
-    return per_group, g.replay
-
-
-@torch.no_grad()
-def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
-                    kwargs: dict, cfg: EPTSConfig) -> tuple[bool, dict[str, float]]:
-    """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
-    if cfg.low_check_sparsity is None:
-        return True, {}
-    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=X_dense.device)
-    group = torch.tensor([0, -1], device=X_dense.device)  # with the group-0 adapter / mask only
-    loss = torch.zeros(2, device=X_dense.device, dtype=torch.float64)
-    c = cfg.infer_chunk
-    for i in range(0, len(X_dense), c):
-        out = forward_groups(block, layers, X_dense[i:i + c], kwargs, s, group)
-        loss += recon_loss(out, Y[i:i + c].unsqueeze(0)).double() * len(out[0])  # recon_loss is a mean over samples
-    with_adapter, mask_only = (loss / len(X_dense)).tolist()
-    return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
-
-
-@torch.no_grad()
-def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, kwargs: dict,
-               cfg: EPTSConfig, generator: torch.Generator, low_group_enabled: bool
-               ) -> tuple[torch.Tensor, list[float]]:
-    """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4)."""
-    s = uniform_draws(cfg.groups, generator)
-    if cfg.fixed_sparsity is not None:
-        s = torch.full_like(s, cfg.fixed_sparsity)
-    group = torch.arange(len(cfg.groups))
-    if not low_group_enabled:
-        group[0] = -1  # deploy in group 0 uses the mask only, so the next block must see exactly that
-    s, group = s.to(X_mix.device), group.to(X_mix.device)
-    mixed = torch.empty_like(X_mix)
-    c = cfg.infer_chunk
-    for i in range(0, len(X_mix), c):
-        outputs = forward_groups(block, layers, X_mix[i:i + c], kwargs, s, group)
-        mixed[i:i + c] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
-    return mixed, s.tolist()
-
-
-@dataclass
-class ElasticState:
-    """The elastic model minus its base weights: everything needed to deploy at any sparsity.
-
-    adapters[key] = (A [K, r, in], B [K, out, r]); act_norms[key] = ||X_j||_2 [in] of the dense inputs;
-    key = "<block>.<linear>". The masks are re-derived from the base weights and the norms.
-    """
-
-    groups: list[tuple[float, float]]
-    mixer: list[float]
-    rank: int
-    base_model: str = ""
-    fingerprint: dict = field(default_factory=dict)
-    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
-    reports: list[BlockReport] = field(default_factory=list)
-
-    @property
-    def low_group_enabled(self) -> list[bool]:
-        return [r.low_group_enabled for r in self.reports]
-
-
-def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor, X_mix: torch.Tensor,
-                   kwargs: dict, cfg: EPTSConfig, block_index: int, progress: tqdm | None = None
-                   ) -> tuple[dict, dict, BlockReport, torch.Tensor, torch.Tensor]:
-    """Both phases for one block (already on the compute device, in fp32).
-
-    Returns (adapters, act_norms, report, next X_dense = Y, next X_mix).
-    """
-    report, clock = BlockReport(), _Stopwatch(X_dense.device)
-    # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
-    Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, cfg.infer_chunk)
-    report.seconds["targets"] = clock.lap()
-    trainable = {p: p.requires_grad for p in block.parameters()}
-    block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
-    layers = attach_hilora(block, names, norms, cfg, generator)
-    try:
-        report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, block_index, progress)
-        report.seconds["phase1"] = clock.lap()
-        report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg)
-        report.seconds["low_check"] = clock.lap()
-        X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
-                                                  report.low_group_enabled)
-        report.seconds["phase2"] = clock.lap()
-        adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
-    finally:
-        detach_hilora(block, layers)
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
-    report.seconds["total"] = sum(report.seconds.values())
-    return adapters, {n: v.cpu() for n, v in norms.items()}, report, Y, X_mix
-
-
-def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: str | torch.device = "cpu",
-             base_model: str = "", verbose: bool = True, checkpoint: str | None = None,
-             resume: bool = False) -> ElasticState:
-    """EPTS: capture block 0's inputs, then for every block run Phase 1, the low-group check and Phase 2.
-
-    Only the current block is moved to `device` (in fp32); the rest of the model stays where it was loaded.
-    With `checkpoint`, the state so far and both streams are written atomically after every block, and
-    `resume=True` continues after the last finished block with the same result as an uninterrupted run.
-    """
-    cfg.validate()
-    device = torch.device(device)
-    _, names = arch_of(model)
-    model.eval()
-    X_dense, kwargs = capture_block_inputs(model, windows, device)
-    X_mix = X_dense.clone()  # block 0: both streams are the embeddings output
-    state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, fingerprint=fingerprint(model))
-    start = 0
-    if resume and checkpoint and os.path.isfile(checkpoint):
-        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, len(windows), base_model)
-        X_dense, X_mix = X_dense.to(device), X_mix.to(device)
-    blocks = decoder_blocks(model)
-    steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
-    with tqdm(total=steps * len(blocks), initial=steps * start, desc="EPTS", unit="step",
-              disable=not verbose) as progress:
-        for i, block in blocks_on(model, device, start):
-            adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg,
-                                                                     i, progress)
-            state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
-            state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
-            state.reports.append(report)
-            if checkpoint:
-                save_checkpoint(checkpoint, state, cfg, i + 1, X_dense, X_mix)
-    return state
-
-
-def save_checkpoint(path: str, state: ElasticState, cfg: EPTSConfig, next_block: int, X_dense: torch.Tensor,
-                    X_mix: torch.Tensor) -> None:
-    """The elastic state so far plus both streams at the input of `next_block` (atomic write)."""
-    _write(path, {**_state_tensors(state), "stream.dense": X_dense.cpu(), "stream.mix": X_mix.cpu()},
-           {**_state_header(state), "next_block": next_block, "config": asdict(cfg)})
-
-
-def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int, model_name: str = ""
-                    ) -> tuple[ElasticState, int, torch.Tensor, torch.Tensor]:
-    tensors, header = _read(path)
-    saved = header.get("config", {})
-    if json.loads(json.dumps(asdict(cfg))) != saved or len(tensors["stream.dense"]) != nsamples:
-        raise EPTSError(f"checkpoint '{path}' was made with other settings; remove it or run with the same "
-                        f"arguments (saved config: {saved})")
-    state = _state_from(tensors, header)
-    check_fingerprint(state, model, model_name)
-    return state, header["next_block"], tensors["stream.dense"], tensors["stream.mix"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 8. Deploy: one elastic state -> an ordinary transformers model at any sparsity
-# ----------------------------------------------------------------------------------------------------------
-
-def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every pruned linear's dense weight: deploy always starts from these."""
-    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
-
-
-@torch.no_grad()
-def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
-    """Put the dense weights of `snapshot_linears` back (before pruning again with another method)."""
-    for key, lin in pruned_linears(model).items():
-        lin.weight.copy_(dense[key])
-    return model
-
-
-def fingerprint(model: nn.Module) -> dict:
-    """Identify the base weights: a hash of the pruned linears' shapes plus a few weight statistics.
-
-    Statistics instead of a byte hash so the same model loaded in fp32, fp16 or bf16 matches.
-    """
-    lins = pruned_linears(model)
-    shapes = json.dumps({k: list(v.weight.shape) for k, v in lins.items()}, sort_keys=True)
-    probe_keys = sorted(lins)[:: max(1, len(lins) // 8)]
-    probe = [float(lins[k].weight.detach().float().abs().mean()) for k in probe_keys]
-    return {"shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16], "probe": probe}
-
-
-def check_fingerprint(state: ElasticState, model: nn.Module, model_name: str) -> None:
-    fp = fingerprint(model)
-    same = fp["shapes"] == state.fingerprint.get("shapes") and len(fp["probe"]) == len(
-        state.fingerprint.get("probe", [])) and all(
-        math.isclose(a, b, rel_tol=1e-2) for a, b in zip(fp["probe"], state.fingerprint["probe"]))
-    if not same:
-        raise EPTSError(f"the elastic state was made for base model '{state.base_model}', "
-                        f"but '{model_name}' has different weights")
-
-
-def per_block_sparsities(sparsity: float | Sequence[float], n_blocks: int) -> list[float]:
-    if isinstance(sparsity, (int, float)):
-        return [float(sparsity)] * n_blocks
-    sparsity = [float(s) for s in sparsity]
-    if len(sparsity) != n_blocks:
-        raise EPTSError(f"got {len(sparsity)} per-block sparsities for a model with {n_blocks} blocks")
-    return sparsity
-
-
-@torch.no_grad()
-def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[float],
-           dense: dict[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
-    """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2).
-
-    `sparsity` is one number or one per block (non-uniform deployment). `dense` is `snapshot_linears(model)`
-    taken before the first deploy: masks and merged weights always start from the dense weights.
-    The result is a plain transformers model with exactly floor(s * in) zeros in every row.
-    """
-    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
-    for key, lin in pruned_linears(model).items():
-        i = block_of(key)
-        s = per_block[i]
-        k = group_of(s, state.groups)
-        W = dense[key].to(device or lin.weight.device, torch.float32)
-        if k is not None:
-            if k == 0 and not state.low_group_enabled[i]:
-                k = -1
-            A, B = (t.to(W.device) for t in state.adapters[key])
-            ranks = row_ranks(wanda_scores(W, state.act_norms[key].to(W.device)))
-            W = elastic_weight(W, ranks, A, B, torch.tensor([s], dtype=torch.float64, device=W.device),
-                               torch.tensor([k], device=W.device))[0]
-        lin.weight.copy_(W.to(lin.weight.dtype))
-    return model
-
-
-def measured_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over all pruned linears."""
-    zeros = total = 0
-    for lin in pruned_linears(model).values():
-        zeros += int((lin.weight == 0).sum())
-        total += lin.weight.numel()
-    return zeros / total
-
-
-def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for key, (A, B) in state.adapters.items():
-        tensors[f"{key}.A"], tensors[f"{key}.B"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-    tensors.update({f"{key}.act_norm": v.float().contiguous() for key, v in state.act_norms.items()})
-    return tensors
-
-
-def _state_header(state: ElasticState) -> dict:
-    return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
-            "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
-            "reports": [asdict(r) for r in state.reports]}
-
-
-def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
-    state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
-                         base_model=header["base_model"], fingerprint=header["fingerprint"],
-                         reports=[BlockReport(**r) for r in header["reports"]])
-    for name in tensors:
-        if name.endswith(".act_norm"):
-            key = name[: -len(".act_norm")]
-            state.act_norms[key] = tensors[name]
-            state.adapters[key] = (tensors[f"{key}.A"].float(), tensors[f"{key}.B"].float())
-    return state
-
-
-def _write(path: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
-    """safetensors with a JSON header in its metadata, written to a temporary file and renamed (atomic)."""
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"epts": json.dumps(header)})
-    os.replace(tmp, path)  # a crash never leaves half a file behind
-
-
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise EPTSError(f"no elastic state at '{path}'")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("epts", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 -- any parse failure means "not an artifact"
-        raise EPTSError(f"'{path}' is not an EPTS elastic state ({str(e).splitlines()[0]})") from e
-    if header.get("format") != "epts":
-        raise EPTSError(f"'{path}' is not an EPTS elastic state")
-    if header.get("version", 0) > FORMAT_VERSION:
-        raise EPTSError(f"'{path}' has format version {header['version']}, newer than this epts.py reads "
-                        f"({FORMAT_VERSION}); update epts.py")
-    return tensors, header
-
-
-def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32) -> None:
-    """The elastic artifact: adapters (in `dtype`) + activation norms + a JSON header, as safetensors.
-
-    No pickle, no base weights, no masks (they are re-derived from the base weights and the norms).
-    """
-    _write(path, _state_tensors(state, dtype), _state_header(state))
-
-
-def load_elastic(path: str) -> ElasticState:
-    return _state_from(*_read(path))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 9. Baselines in the same harness: magnitude, Wanda, SparseGPT (one pruning per sparsity, no adapters)
-#    and non-uniform layer-wise sparsity (OWL) for any of them
-# ----------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.Module:
-    """Row-wise magnitude pruning: S_ij = |W_ij| (no data)."""
-    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
-    for key, lin in pruned_linears(model).items():
-        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), per_block[block_of(key)])
-        lin.weight.mul_(keep.to(lin.weight.dtype))
-    return model
-
-
-def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float) -> torch.Tensor:
-    """Wanda for one layer: W * M(s) with the row-wise mask of Eq. 1 (no weight update).
-
-    Takes the accumulated sum of squares (||X_j||^2) and n_tokens (unused: row-wise ranking ignores scale) so
-    that it has the same signature as sparsegpt_prune and plugs into prune_sequential.
-    """
-    return W * mask_from_ranks(row_ranks(wanda_scores(W, sum_sq.sqrt())), sparsity)
-
-
-def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float, blocksize: int = 128,
-                    percdamp: float = 0.01) -> torch.Tensor:
-    """SparseGPT (Frantar & Alistarh, 2023) for one layer: OBS pruning with weight updates.
-
-    With H = 2 X X^T / n (+ 1% of its mean diagonal for stability) and U the upper Cholesky factor of H^-1,
-    columns are visited left to right in blocks of 128. In each block the mask drops the weights of lowest
-    saliency w_ij^2 / U_jj^2 (jointly over the block's rows and columns). Visiting column j, the pruned
-    weights' error e = (w_j - q_j) / U_jj is pushed onto the not-yet-visited columns,
-        W[:, j:] -= e U[j, j:],
-    which is the optimal (OBS) compensation given the columns already fixed.
-    """
-    W = W.float().clone()
-    H = 2 * xtx.float() / n_tokens
-    dead = torch.diag(H) == 0          # inputs that are always zero: their weights are irrelevant
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.diag(H).mean() * torch.eye(len(H), device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    for i1 in range(0, W.shape[1], blocksize):
-        i2 = min(i1 + blocksize, W.shape[1])
-        W1, U1, err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
-        d = torch.diag(U1)
-        saliency = (W1 ** 2 / d ** 2).flatten()
-        pruned = torch.zeros_like(saliency, dtype=torch.bool)
-        pruned[torch.topk(saliency, prune_count(sparsity, saliency.numel()), largest=False).indices] = True
-        pruned = pruned.view_as(W1)
-        for j in range(i2 - i1):
-            e = W1[:, j] * pruned[:, j] / d[j]
-            W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # column j becomes exactly 0 where pruned
-            err[:, j] = e
-        W[:, i1:i2] = W1.masked_fill(pruned, 0.0)
-        W[:, i2:] -= err @ U[i1:i2, i2:]  # the whole block's error onto the columns to its right
-    return W
-
-
-@torch.no_grad()
-def prune_sequential(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float], prune_layer,
-                     stat=sum_of_squares, device: str | torch.device = "cpu", chunk: int = 8, desc: str = "",
-                     verbose: bool = True) -> nn.Module:
-    """The sequential loop of Wanda and SparseGPT: block by block, statistics come from the *pruned* stream.
-
-    For each block: one forward on the current stream accumulates stat(inputs) of every linear, every linear
-    is replaced by prune_layer(W, stat, n_tokens, s), and the pruned block's outputs feed the next block.
-    """
-    device = torch.device(device)
-    _, names = arch_of(model)
-    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
-    model.eval()
-    X, kwargs = capture_block_inputs(model, windows, device)
-    for i, block in tqdm(blocks_on(model, device), desc=desc, unit="block", total=len(per_block), disable=not verbose):
-        _, stats = block_outputs_and_stats(block, names, X, kwargs, chunk, stat)
-        for n in names:
-            lin = block.get_submodule(n)
-            lin.weight.copy_(prune_layer(lin.weight, stats[n], windows.numel(), per_block[i]))
-        X = torch.cat([call_block(block, X[j:j + chunk], kwargs) for j in range(0, len(X), chunk)])
-    return model
-
-
-def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
-                device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
-    """Wanda (Sun et al., 2023), sequential as in its paper."""
-    return prune_sequential(model, windows, sparsity, wanda_prune, sum_of_squares, device, desc="Wanda",
-                            verbose=verbose)
-
-
-def prune_sparsegpt(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
-                    device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
-    """SparseGPT (Frantar & Alistarh, 2023), unstructured, sequential as in its paper."""
-    return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
-                            verbose=verbose)
-
-
-@torch.no_grad()
-def dense_act_norms(model: nn.Module, windows: torch.Tensor, device: str | torch.device = "cpu",
-                    chunk: int = 8) -> dict[str, torch.Tensor]:
-    """||X_j||_2 of every pruned linear's inputs on the dense model (what EPTS stores in its state)."""
-    device = torch.device(device)
-    _, names = arch_of(model)
-    X, kwargs = capture_block_inputs(model, windows, device)
-    norms = {}
-    for i, block in blocks_on(model, device):
-        X, block_norms = dense_targets_and_norms(block, names, X, kwargs, chunk)
-        norms.update({f"{i}.{n}": v.cpu() for n, v in block_norms.items()})
-    return norms
-
-
-def owl_sparsities(dense: dict[str, torch.Tensor], act_norms: dict[str, torch.Tensor], target: float,
-                   lam: float = 0.08, M: float = 5.0, limits: tuple[float, float] = (0.0, 1.0)) -> list[float]:
-    """OWL (Yin et al., 2023): outlier-weighted layer-wise sparsity, one sparsity per block.
-
-    A block's outlier ratio D_i is the share of its Wanda scores (all its linears pooled) above M times their
-    mean. With D normalized to [0, 1], s_i = target - 2 lam (D_i - mean D): more outliers, fewer pruned
-    weights, every s_i within target +- lam (the OWL paper's range). Each s_i is then clamped to `limits`
-    (for an elastic model: the trained range) while the mean is kept at the target where that is possible.
-    """
-    n_blocks = 1 + max(block_of(k) for k in dense)
-    ratios = []
-    for i in range(n_blocks):
-        scores = torch.cat([wanda_scores(W, act_norms[k]).flatten() for k, W in dense.items()
-                            if block_of(k) == i])
-        ratios.append(float((scores > M * scores.mean()).float().mean()))
-    D = torch.tensor(ratios, dtype=torch.float64)
-    D = (D - D.min()) / (D.max() - D.min()) if D.max() > D.min() else torch.zeros_like(D)
-    s = target - 2 * lam * (D - D.mean())
-    lo, hi = limits
-    for _ in range(100):  # clamp, then spread what clamping removed over the blocks still free to move
-        s = s.clamp(lo, hi)
-        gap = target * n_blocks - float(s.sum())
-        free = (s > lo) & (s < hi) if gap else None
-        if abs(gap) < 1e-9 or not bool(free.any()):
-            break
-        s[free] += gap / int(free.sum())
-    return s.clamp(lo, hi).tolist()
-
-
-def load_schedule(schedule: str, n_blocks: int) -> list[float] | None:
-    """--schedule PATH: a JSON list of per-block sparsities (None for 'uniform' / 'owl', computed elsewhere)."""
-    if schedule in ("uniform", "owl"):
-        return None
-    try:
-        with open(schedule) as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise EPTSError(f"--schedule must be uniform, owl or a JSON file of per-block sparsities: {e}") from e
-    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-        raise EPTSError(f"--schedule file '{schedule}' must hold a JSON list of numbers")
-    return per_block_sparsities(values, n_blocks)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 10. Evaluation
-# ----------------------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, device: str | torch.device | None = None,
                batch_size: int = 8, verbose: bool = False) -> float:
@@ -1154,9 +1219,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, device: str 
     return math.exp(nll / count)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 11. Command line
-# ----------------------------------------------------------------------------------------------------------
+# 13. Command line ---------------------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -1195,18 +1258,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    d = EPTSConfig()  # the method's defaults are written once, in EPTSConfig
     p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].")
     p.add_argument("--model", required=True, help="HF hub name or local path (OPT or LLaMA family)")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text file (default c4)")
     p.add_argument("--eval", nargs="+", default=["wikitext2"], help="wikitext2 | c4 | text file paths | none")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=None, help="default: min(2048, max_position_embeddings)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
-    p.add_argument("--method", choices=["epts", "dedicated", "wanda", "sparsegpt", "magnitude"], default="epts",
+    p.add_argument("--method", choices=METHODS, default="epts",
                    help="epts: one elastic run for all sparsities; dedicated: one EPTS-style run per sparsity; "
                         "wanda / sparsegpt / magnitude: one pruning per sparsity")
     p.add_argument("--schedule", default="uniform",
@@ -1217,10 +1281,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
     p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
     p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in GROUPS], metavar="HI",
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in d.groups], metavar="HI",
                    help="upper ends of the sparsity groups; group k is (HI_{k-1}, HI_k], starting at 0")
-    p.add_argument("--mixer", type=float, nargs="+", default=list(MIXER_WEIGHTS), help="MSFM weights, one per group")
+    p.add_argument("--mixer", type=float, nargs="+", default=list(d.mixer), help="MSFM weights, one per group")
     p.add_argument("--save", help="write the elastic state (safetensors) here")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved adapters (bfloat16 halves the artifact)")
@@ -1236,12 +1300,74 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _short(name: str) -> str:
-    return os.path.basename(name.rstrip("/")) or name
+def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
+    """The method's hyper-parameters and the runtime options, validated."""
+    groups = tuple(zip([0.0] + args.groups[:-1], args.groups))
+    cfg = EPTSConfig(groups=groups, mixer=tuple(args.mixer), rank=args.rank, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.batch_size, seed=args.seed)
+    validate_config(cfg)
+    if args.nsamples <= 0:
+        raise EPTSError(f"--nsamples must be positive, got {args.nsamples}")
+    return cfg, Runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop)
+
+
+def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, float]],
+                     schedule: Sequence[float] | None = None) -> None:
+    """Every sparsity the run will deploy lies in the trained range of `groups` (one place for this check)."""
+    asked = list(schedule or args.sparsities)
+    for s in asked + ([args.export_sparsity] if args.export_sparsity is not None else []):
+        group_of(s, groups)
+
+
+def checkpoint_path(args: argparse.Namespace) -> str | None:
+    """Where the per-block checkpoint lives: --checkpoint-dir, else --save's folder (EPTS only)."""
+    if not (args.checkpoint_dir or (args.save and args.method == "epts")):
+        if args.resume:
+            raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives)")
+        return None
+    folder = args.checkpoint_dir or os.path.dirname(os.path.abspath(args.save))
+    return os.path.join(folder, "epts-checkpoint.safetensors")
+
+
+def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig,
+                      runtime: Runtime, device: torch.device, checkpoint: str | None) -> tuple[ElasticState, float]:
+    """Optimize the elastic state; --save writes it and removes the then finished checkpoint."""
+    t0 = time.perf_counter()
+    state = optimize(model, windows, cfg, device, args.model, not args.quiet, checkpoint, args.resume, runtime)
+    seconds = time.perf_counter() - t0
+    if args.save:
+        save_elastic(state, args.save, getattr(torch, args.save_dtype))
+        if checkpoint and os.path.isfile(checkpoint):
+            os.remove(checkpoint)  # the run is complete: the artifact replaces the checkpoint
+    return state, seconds
+
+
+def export(args: argparse.Namespace, model: nn.Module, tokenizer, state: ElasticState,
+           dense: dict[str, torch.Tensor], device: torch.device) -> None:
+    """--export-sparsity: deploy there and save a plain transformers model (then back to dense)."""
+    deploy(model, state, args.export_sparsity, dense, device)
+    model.save_pretrained(args.export_dir)
+    tokenizer.save_pretrained(args.export_dir)
+    print(f"exported sparsity {args.export_sparsity} (achieved {measured_sparsity(model):.4f}) to {args.export_dir}")
+    restore_dense(model, dense)
+
+
+def sparsity_plan(args: argparse.Namespace, model: nn.Module, dense: dict[str, torch.Tensor],
+                  schedule_file: list[float] | None, how: dict) -> tuple[list[float], Callable | None]:
+    """(targets, schedule) for sweep: the --sparsities, an OWL schedule around each, or one schedule file."""
+    state = how["state"]
+    if schedule_file is not None:
+        return [sum(schedule_file) / len(schedule_file)], lambda target: schedule_file
+    if args.schedule == "owl":
+        norms = state.act_norms if state is not None else dense_act_norms(model, how["windows"], how["device"])
+        limits = (0.0, state.groups[-1][1]) if state is not None else (0.0, 1.0)
+        return args.sparsities, lambda target: owl_sparsities(dense, norms, target, limits=limits)
+    return args.sparsities, None
 
 
 def print_table(rows: list[dict], evals: Sequence[str]) -> None:
-    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{_short(e)[:14]:>14}" for e in evals) + f" {'seconds':>8}"
+    short = [os.path.basename(e.rstrip("/")) or e for e in evals]
+    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{s[:14]:>14}" for s in short) + f" {'seconds':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -1250,112 +1376,60 @@ def print_table(rows: list[dict], evals: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """The command line's job: optimize (or load), then deploy/prune at every sparsity and evaluate."""
-    groups = tuple(zip([0.0] + args.groups[:-1], args.groups))
-    cfg = EPTSConfig(groups=groups, mixer=tuple(args.mixer), rank=args.rank, epochs=args.epochs, lr=args.lr,
-                     batch_size=args.batch_size, seed=args.seed, amp=not args.no_amp,
-                     reference_loop=args.reference_loop, cuda_graph=not args.no_cuda_graph)
-    cfg.validate()
-    for s in args.sparsities + ([args.export_sparsity] if args.export_sparsity is not None else []):
-        group_of(s, groups)
+    """The command line's job: optimize (or load), optionally export, then sweep the sparsities and evaluate."""
+    cfg, runtime = configs_from_args(args)
+    check_sparsities(args, cfg.groups)
+    checkpoint = checkpoint_path(args)
     if args.export_sparsity is not None and (not args.export_dir or args.method != "epts"):
         raise EPTSError("--export-sparsity needs --export-dir and --method epts")
-    checkpoint = None
-    if args.checkpoint_dir or (args.save and args.method == "epts"):
-        folder = args.checkpoint_dir or os.path.dirname(os.path.abspath(args.save))
-        checkpoint = os.path.join(folder, "epts-checkpoint.safetensors")
-    if args.resume and checkpoint is None:
-        raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives)")
     device = pick_device(args.device)
-    if args.nsamples <= 0:
-        raise EPTSError(f"--nsamples must be positive, got {args.nsamples}")
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
-    n_blocks = len(decoder_blocks(model))
-    schedule_file = load_schedule(args.schedule, n_blocks)
+    schedule_file = load_schedule(args.schedule, len(decoder_blocks(model)))
     if schedule_file is not None:
-        for s in schedule_file:
-            group_of(s, groups)
+        check_sparsities(args, cfg.groups, schedule_file)
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     seqlen = args.seqlen or min(2048, max_pos)
     if seqlen > max_pos:
         raise EPTSError(f"--seqlen {seqlen} is above the model's max_position_embeddings {max_pos}")
-    verbose = not args.quiet
     state = load_elastic(args.load) if args.load else None
     if state is not None:
         check_fingerprint(state, model, args.model)
-        for s in args.sparsities + ([args.export_sparsity] if args.export_sparsity is not None else []):
-            group_of(s, state.groups)
-    needs_calib = args.method not in ("epts", "magnitude") or (args.method == "epts" and state is None) or (
-        args.method == "magnitude" and args.schedule == "owl")
+        check_sparsities(args, state.groups)
+    needs_calib = not (args.method == "epts" and state is not None) and not (
+        args.method == "magnitude" and args.schedule != "owl")
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, seqlen, args.seed) if needs_calib else None
     result = {"model": args.model, "method": args.method, "config": {**vars(args), "seqlen": seqlen},
               "dense": {}, "results": [], "optimize_seconds": 0.0}
     if args.method == "epts" and state is None:
-        t0 = time.perf_counter()
-        state = optimize(model, windows, cfg, device, args.model, verbose, checkpoint, args.resume)
-        result["optimize_seconds"] = time.perf_counter() - t0
-        if args.save:
-            save_elastic(state, args.save, getattr(torch, args.save_dtype))
-            if os.path.isfile(checkpoint):
-                os.remove(checkpoint)  # the run is complete: the artifact replaces the checkpoint
+        state, result["optimize_seconds"] = optimize_and_save(args, model, windows, cfg, runtime, device, checkpoint)
     if state is not None:
         result["low_group_enabled"] = state.low_group_enabled
     dense = snapshot_linears(model)
     if args.export_sparsity is not None:
-        deploy(model, state, args.export_sparsity, dense, device)
-        model.save_pretrained(args.export_dir)
-        tokenizer.save_pretrained(args.export_dir)
-        print(f"exported sparsity {args.export_sparsity} (achieved {measured_sparsity(model):.4f}) "
-              f"to {args.export_dir}")
-        deploy(model, state, 0.0, dense)
+        export(args, model, tokenizer, state, dense, device)
     evals = [e for e in args.eval if e != "none"]
     if not evals:
         return result
+    how = dict(windows=windows, state=state, cfg=cfg, device=device, verbose=not args.quiet, runtime=runtime,
+               base_model=args.model)
+    targets, schedule = sparsity_plan(args, model, dense, schedule_file, how)
     tokens = {e: eval_tokens(tokenizer, e, seqlen) for e in evals}
 
     def evaluate() -> dict[str, float]:
         model.to(device)
-        ppl = {e: perplexity(model, tokens[e], seqlen, device, args.eval_batch_size, verbose) for e in evals}
+        ppl = {e: perplexity(model, tokens[e], seqlen, device, args.eval_batch_size, not args.quiet) for e in evals}
         if args.method != "epts":
             model.cpu()  # the pruning loops keep the model where it was loaded and move one block at a time
         return ppl
 
     result["dense"] = evaluate()
-    norms = None
-    if args.schedule == "owl":
-        norms = state.act_norms if state is not None else dense_act_norms(model, windows, device)
-    targets = [sum(schedule_file) / n_blocks] if schedule_file is not None else args.sparsities
-    for target in targets:
-        if schedule_file is not None:
-            sparsity: float | list[float] = schedule_file
-        elif args.schedule == "owl":
-            limits = (0.0, state.groups[-1][1]) if state is not None else (0.0, 1.0)
-            sparsity = owl_sparsities(dense, norms, target, limits=limits)
-        else:
-            sparsity = target
-        t0 = time.perf_counter()
-        if args.method == "epts":
-            deploy(model, state, sparsity, dense, device)
-        else:
-            restore_dense(model, dense)  # every baseline starts from the dense model
-            if args.method == "dedicated":
-                if not isinstance(sparsity, float):
-                    raise EPTSError("--method dedicated trains one uniform sparsity; use --schedule uniform")
-                single = optimize(model, windows, dedicated_config(cfg, sparsity), device, args.model, verbose)
-                deploy(model, single, sparsity, dense, device)
-            elif args.method == "wanda":
-                prune_wanda(model, windows, sparsity, device, verbose)
-            elif args.method == "sparsegpt":
-                prune_sparsegpt(model, windows, sparsity, device, verbose)
-            else:
-                prune_magnitude(model, sparsity)
-        seconds = time.perf_counter() - t0
-        row = {"sparsity": target, "achieved_sparsity": measured_sparsity(model), "ppl": evaluate(),
-               "seconds": seconds}
-        if not isinstance(sparsity, float):
-            row["per_block"] = list(sparsity)
-        result["results"].append(row)
-    restore_dense(model, dense)
+    result["results"] = list(sweep(model, args.method, targets, dense, evaluate, schedule, **how))
+    report(args, result, evals, seqlen)
+    return result
+
+
+def report(args: argparse.Namespace, result: dict, evals: Sequence[str], seqlen: int) -> None:
+    """The results table on stdout, and --json-out."""
     print(f"\n{args.method} on {args.model} (seqlen {seqlen}, schedule {args.schedule}); "
           f"optimize {result['optimize_seconds']:.1f}s")
     rows = [{"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}]
@@ -1364,7 +1438,6 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2, default=str)
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

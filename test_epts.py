@@ -72,7 +72,8 @@ def windows() -> torch.Tensor:
 def block0_io(model, windows):
     """Block 0's captured inputs X, call kwargs and dense outputs Y."""
     X, kwargs = epts.capture_block_inputs(model, windows)
-    Y = epts.call_block(epts.decoder_blocks(model)[0], X, kwargs)
+    with torch.no_grad():
+        Y = epts.call_block(epts.decoder_blocks(model)[0], X, kwargs)
     return X, kwargs, Y
 
 
@@ -273,15 +274,53 @@ def test_adapters_beat_the_mask_alone_in_every_group(optimized):
             assert errors[0] == errors[1]
         else:
             assert errors[0] < errors[1], f"group {k}: with adapters {errors[0]:.4g} >= mask only {errors[1]:.4g}"
-    epts.deploy(model, state, 0.0, dense)
+    epts.restore_dense(model, dense)
 
 
-def test_low_group_check_is_recorded(optimized):
-    _, state, _ = optimized
-    for r in state.reports:
-        assert r.low_group_enabled == (r.low_check["with_adapter"] < r.low_check["mask_only"])
-        assert len(r.mix_sparsities) == 7
-        assert all(lo < s <= hi for s, (lo, hi) in zip(r.mix_sparsities, state.groups))
+def test_low_group_check_drops_an_adapter_that_hurts_and_keeps_one_that_helps(windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    for layer in layers.values():  # a large random group-0 adapter: it can only make the block worse
+        layer.B.data[0].normal_(0, 1.0)
+    keep, losses = epts.low_group_check(block, layers, X, Y, kwargs, cfg)
+    assert not keep and losses["with_adapter"] > losses["mask_only"]
+    # a group-0 adapter trained on the dense stream at low sparsity lowers the loss at 0.3: it is kept
+    only_low = epts.EPTSConfig(groups=((0.0, 0.4),), mixer=(1.0,), rank=4, epochs=30, lr=5e-3, batch_size=2)
+    for layer in layers.values():
+        layer.B.data.zero_()
+    epts.phase1_train(block, layers, X, Y, kwargs, only_low, torch.Generator().manual_seed(0))
+    keep, losses = epts.low_group_check(block, layers, X, Y, kwargs, cfg)
+    assert keep and losses["with_adapter"] < losses["mask_only"]
+
+
+@pytest.mark.parametrize("keep_low", [True, False])
+def test_optimize_block_hands_two_streams_to_the_next_block(keep_low, windows, monkeypatch):
+    """next X_dense = f(X_dense; W); next X_mix = sum_k w_k f(X_mix; W_{s_k}), group 0 with the mask only when
+    the low-group check switched its adapter off (as deploy will use it)."""
+    model = tiny_model("opt")
+    X_dense, kwargs, Y = block0_io(model, windows)
+    X_mix = X_dense + 0.1 * torch.randn(X_dense.shape, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(epts, "low_group_check", lambda *a, **k: (keep_low, {}))
+    block, names = epts.decoder_blocks(model)[0], epts.arch_of(model)[1]
+    cfg = epts.EPTSConfig(rank=2, epochs=2, lr=5e-3, batch_size=2)
+    adapters, norms, report, next_dense, next_mix = epts.optimize_block(block, names, X_dense, X_mix, kwargs,
+                                                                        cfg, 0)
+    torch.testing.assert_close(next_dense, Y)
+    expected = torch.zeros_like(X_mix)
+    for k, (s, w) in enumerate(zip(report.mix_sparsities, cfg.mixer)):
+        pruned = copy.deepcopy(block)
+        for n in names:
+            lin = pruned.get_submodule(n)
+            ranks = epts.row_ranks(epts.wanda_scores(lin.weight, norms[n]))
+            g = epts.NO_ADAPTER if k == 0 and not keep_low else k
+            with torch.no_grad():
+                lin.weight.copy_(epts.elastic_weight(lin.weight, ranks, *adapters[n], torch.tensor([s], dtype=torch.float64),
+                                                     torch.tensor([g]))[0])
+        with torch.no_grad():
+            expected += w * epts.call_block(pruned, X_mix, kwargs)
+    torch.testing.assert_close(next_mix, expected, rtol=1e-4, atol=1e-5)
+    assert any(B.abs().max() > 0 for _, B in adapters.values())
 
 
 def test_deploy_gives_exact_sparsity_and_finite_ppl(optimized):
@@ -303,7 +342,7 @@ def test_deploy_gives_exact_sparsity_and_finite_ppl(optimized):
         epts.deploy(model, state, [0.3], dense)
     epts.deploy(model, state, 0.0, dense)
     for key, lin in epts.pruned_linears(model).items():
-        assert torch.equal(lin.weight, dense[key])           # s = 0 restores the dense model
+        assert torch.equal(lin.weight, dense[key])           # s = 0 is the dense model
 
 
 def test_save_load_deploy_equals_deploy_in_memory(optimized, tmp_path):
@@ -318,23 +357,45 @@ def test_save_load_deploy_equals_deploy_in_memory(optimized, tmp_path):
         epts.deploy(model, loaded, s, dense)
         for k, v in epts.pruned_linears(model).items():
             assert torch.equal(a[k], v.weight)
-    epts.deploy(model, state, 0.0, dense)
+    epts.restore_dense(model, dense)
     epts.check_fingerprint(loaded, model, "tiny")
     with pytest.raises(epts.EPTSError, match="made for base model"):
         epts.check_fingerprint(loaded, tiny_model("llama", seed=1), "other")
 
 
-def test_fast_path_equals_reference_loop():
-    """Batching the 7 group forwards is an implementation detail: same adapters after training (fp32, CPU)."""
+def test_fast_path_equals_reference_loop_with_an_uneven_last_batch(monkeypatch):
+    """Batching the 7 group forwards is an implementation detail: same adapters after training (fp32, CPU).
+    5 samples in batches of 2: the last batch holds one sample, and every sample is trained on every epoch."""
+    seen, real = [], epts.forward_groups
+    monkeypatch.setattr(epts, "forward_groups", lambda block, layers, x, *a, **k: seen.append(len(x)) or
+                        real(block, layers, x, *a, **k))
     states = []
     for reference in (False, True):
+        seen.clear()
         model = tiny_model("opt", n_layers=1)
-        windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
-        cfg = epts.EPTSConfig(rank=4, epochs=2, lr=1e-3, reference_loop=reference)
-        states.append(epts.optimize(model, windows, cfg, verbose=False))
+        windows = torch.randint(0, 64, (5, 32), generator=torch.Generator().manual_seed(2))
+        cfg = epts.EPTSConfig(rank=4, epochs=2, lr=1e-3, batch_size=2)
+        states.append(epts.optimize(model, windows, cfg, verbose=False,
+                                    runtime=epts.Runtime(reference_loop=reference)))
+        assert seen[:6] == [2, 2, 1] * 2                           # Phase 1: 2 epochs of batches 2, 2, 1
     for key, (A, B) in states[0].adapters.items():
         torch.testing.assert_close(A, states[1].adapters[key][0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(B, states[1].adapters[key][1], rtol=1e-4, atol=1e-6)
+    assert any(B.abs().max() > 0 for _, B in states[0].adapters.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_equals_the_eager_step():
+    """The CUDA graph only replays the same step: adapters after training match eager steps (bf16 tolerance)."""
+    states = []
+    for graph in (False, True):
+        model = tiny_model("llama", n_layers=1)
+        windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(4))
+        states.append(epts.optimize(model, windows, epts.EPTSConfig(rank=4, epochs=3, lr=5e-3, batch_size=2),
+                                    "cuda", verbose=False, runtime=epts.Runtime(cuda_graph=graph)))
+    for key, (A, B) in states[0].adapters.items():
+        torch.testing.assert_close(states[1].adapters[key][0], A, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(states[1].adapters[key][1], B, rtol=2e-2, atol=1e-3)
     assert any(B.abs().max() > 0 for _, B in states[0].adapters.values())
 
 
@@ -400,9 +461,11 @@ def test_cli_end_to_end(arch, tiny_dir, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res) >= {"model", "method", "config", "dense", "results", "optimize_seconds"}
     assert [r["sparsity"] for r in res["results"]] == [0.5, 0.7]
+    lins = epts.pruned_linears(tiny_model(arch)).values()
     for r in res["results"]:
         assert set(r) == {"sparsity", "achieved_sparsity", "ppl", "seconds"}
-        assert abs(r["achieved_sparsity"] - r["sparsity"]) < 0.02
+        zeros = sum(l.out_features * math.floor(r["sparsity"] * l.in_features + 1e-6) for l in lins)
+        assert r["achieved_sparsity"] == zeros / sum(l.weight.numel() for l in lins)
         assert math.isfinite(r["ppl"][str(tiny_dir / "eval.txt")])
     assert "achieved" in capsys.readouterr().out
     # --load skips optimization and reproduces the same numbers; --export writes a plain transformers model
@@ -412,11 +475,11 @@ def test_cli_end_to_end(arch, tiny_dir, tmp_path, capsys):
     res2 = json.loads(out2.read_text())
     assert res2["optimize_seconds"] == 0.0
     assert [r["ppl"] for r in res2["results"]] == [r["ppl"] for r in res["results"]]
-    code = ("import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]);"
-            "assert 'epts' not in sys.modules; ws = [p for n, p in m.named_parameters() if 'proj' in n or 'fc' in n];"
-            "print(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))")
+    code = ("import sys, math; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]);"
+            "assert 'epts' not in sys.modules; ws = [p for n, p in m.named_parameters() if p.dim() == 2 and ('proj' in n or 'fc' in n)];"
+            "print(all(((w == 0).sum(1) == math.floor(0.7 * w.shape[1] + 1e-6)).all() for w in ws), len(ws))")
     printed = subprocess.run([sys.executable, "-c", code, str(export)], capture_output=True, text=True, check=True)
-    assert abs(float(printed.stdout) - 0.7) < 0.02
+    assert printed.stdout.split() == ["True", str(len(lins))]     # exactly floor(0.7 * in) zeros in every row
 
 
 def test_cli_wanda_and_magnitude(tiny_dir, tmp_path):
@@ -448,13 +511,6 @@ def test_cli_rejects_an_artifact_of_another_model(tiny_dir, tmp_path, capsys):
     assert epts.main(cli(tiny_dir, "llama", "--load", str(art))) == 2
     err = capsys.readouterr().err
     assert str(tiny_dir / "opt") in err and str(tiny_dir / "llama") in err
-
-
-def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(epts.EPTSError, match="supported: llama, opt"):
-        epts.decoder_blocks(model)
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tiny_dir):
@@ -538,7 +594,7 @@ def test_kill_and_resume_gives_the_same_result_as_a_straight_run(tmp_path, monke
     started = []
     monkeypatch.setattr(epts, "optimize_block", lambda *a, **k: started.append(a[6]) or real(*a, **k))
     resumed = epts.optimize(tiny_model("llama", n_layers=3), windows, cfg, verbose=False, checkpoint=ckpt,
-                            resume=True)
+                            resume=True, runtime=epts.Runtime(infer_chunk=3))  # runtime options may differ
     assert started == [2]                                      # only the missing block ran
     assert set(resumed.adapters) == set(straight.adapters)
     for key, (A, B) in straight.adapters.items():
@@ -607,7 +663,6 @@ def test_cli_owl_schedule_and_schedule_file(tiny_dir, tmp_path):
     (["--groups", "0.4", "0.3", "0.7", "--mixer", "0.3", "0.3", "0.4"], "contiguous and increasing"),
     (["--groups", "0.4", "0.7"], "mixer has 7 weights but there are 2 groups"),
     (["--mixer", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5"], "sum to 1"),
-    (["--lr", "1e30", "--epochs", "2"], "Phase-1 loss became"),
     (["--device", "cuda"], "torch sees no CUDA GPU"),
     (["--resume"], "--resume needs --save or --checkpoint-dir"),
     (["--schedule", "nope.json"], "--schedule must be uniform, owl or a JSON file"),
@@ -669,3 +724,23 @@ def test_tutorial_notebook_runs_top_to_bottom():
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images >= 3
+
+
+# ---------------------------------------------------------------------------------------------- reading order
+
+def test_epts_py_reads_method_first_then_harness():
+    """The method (sections 0-8) fits above one banner; no function is long enough to hide a second idea."""
+    import ast
+    lines = (HERE / "epts.py").read_text().splitlines()
+    banner = lines.index("# ===== harness: nothing below changes the math =====")
+    assert banner < 650                                        # everything above it, docstring included
+    assert next(i for i, l in enumerate(lines) if l.startswith("def wanda_scores")) < 199
+    tree = ast.parse("\n".join(lines))
+    length = {n.name: n.end_lineno - n.lineno + 1 + len(n.decorator_list) for n in ast.walk(tree)
+              if isinstance(n, ast.FunctionDef)}
+    assert max(length.values()) <= 60, max(length.items(), key=lambda kv: kv[1])
+    assert length["phase1_train"] <= 35
+    method = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno < banner}
+    assert {"wanda_scores", "elastic_weight", "phase1_objective", "mix_features", "phase1_train",
+            "low_group_check", "phase2_mix", "optimize_block", "optimize", "deploy"} <= method
+    assert not {"maybe_cuda_graph", "Runtime", "prune_wanda", "save_elastic", "perplexity", "main"} & method

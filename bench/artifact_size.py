@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
 
-K, R = len(epts.GROUPS), 8
+CFG = epts.EPTSConfig()  # the paper's groups and rank: what `python epts.py --save` writes
+K, R = len(CFG.groups), CFG.rank
 
 
 def elastic_params(shapes: list[tuple[int, int]]) -> tuple[int, int]:

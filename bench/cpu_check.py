@@ -35,15 +35,12 @@ def main() -> int:
     windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
     tokens = epts.eval_tokens(tok, a.eval, a.seqlen)[: 64 * a.seqlen]
     dense = epts.snapshot_linears(model)
-    ppl = {"dense": epts.perplexity(model, tokens, a.seqlen)}
+    evaluate = lambda: {"wikitext2": epts.perplexity(model, tokens, a.seqlen)}  # noqa: E731
+    ppl = {"dense": evaluate()["wikitext2"]}
     state = epts.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu", a.model, verbose=False)
-    for s in a.sparsities:
-        epts.deploy(model, state, s, dense)
-        ppl[f"epts {s}"] = epts.perplexity(model, tokens, a.seqlen)
-        epts.deploy(model, state, 0.0, dense)
-        epts.prune_wanda(model, windows, s, verbose=False)
-        ppl[f"wanda {s}"] = epts.perplexity(model, tokens, a.seqlen)
-        epts.deploy(model, state, 0.0, dense)  # back to the dense weights
+    for method in ("epts", "wanda"):  # the elastic model deployed; Wanda pruned once per sparsity
+        for row in epts.sweep(model, method, a.sparsities, dense, evaluate, state=state, windows=windows):
+            ppl[f"{method} {row['sparsity']}"] = row["ppl"]["wikitext2"]
     for k, v in ppl.items():
         print(f"{k:>10}: ppl {v:.2f}")
     ok = ppl["dense"] < ppl["epts 0.6"] <= ppl["wanda 0.6"]

@@ -47,23 +47,24 @@ def main() -> None:
     _, names = epts.arch_of(model)
     X, kwargs = epts.capture_block_inputs(model, windows, device)
     block = epts.decoder_blocks(model)[0].to(device, torch.float32)
-    cfg = epts.EPTSConfig(epochs=a.epochs, reference_loop=a.reference_loop, cuda_graph=not a.no_graph)
+    cfg = epts.EPTSConfig(epochs=a.epochs)
+    runtime = epts.Runtime(reference_loop=a.reference_loop, cuda_graph=not a.no_graph)
     if a.check_graph:
-        res = [epts.optimize_block(block, names, X[:32], X[:32].clone(), kwargs,
-                                   epts.EPTSConfig(epochs=1, cuda_graph=g), 0)[0] for g in (False, True)]
+        res = [epts.optimize_block(block, names, X[:32], X[:32].clone(), kwargs, epts.EPTSConfig(epochs=1), 0,
+                                   epts.Runtime(cuda_graph=g))[0] for g in (False, True)]
         diff = max(float((res[0][n][i] - res[1][n][i]).abs().max() / res[0][n][i].abs().max())
                    for n in res[0] for i in (0, 1))
         print(f"CUDA graph vs eager, 32 steps: max relative adapter difference {diff:.2e}")
     # warm-up (kernels, allocator): one block-optimization with 4 samples
-    epts.optimize_block(block, names, X[:4], X[:4].clone(), kwargs, cfg, 0)
-    _, _, report, _, _ = epts.optimize_block(block, names, X, X.clone(), kwargs, cfg, 0)
+    epts.optimize_block(block, names, X[:4], X[:4].clone(), kwargs, cfg, 0, runtime)
+    _, _, report, _, _ = epts.optimize_block(block, names, X, X.clone(), kwargs, cfg, 0, runtime)
     steps = a.epochs * a.nsamples
     cfgm = model.config
     head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // cfgm.num_attention_heads
     flops = step_flops(block, names, len(cfg.groups), a.seqlen, cfgm.num_attention_heads * head_dim)
     sec = report.seconds
     print(f"model={a.model} device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
-          f"torch={torch.__version__} reference_loop={a.reference_loop} cuda_graph={cfg.cuda_graph}")
+          f"torch={torch.__version__} reference_loop={a.reference_loop} cuda_graph={runtime.cuda_graph}")
     print("block 0 stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in sec.items()))
     print(f"Phase 1: {steps} steps, {1000 * sec['phase1'] / steps:.2f} ms/step (7 groups, fwd+bwd+Adam), "
           f"{flops / 1e9:.1f} GFLOP/step -> {flops * steps / sec['phase1'] / 1e12:.2f} TFLOP/s")
@@ -75,10 +76,10 @@ def main() -> None:
         _, norms = epts.dense_targets_and_norms(block, names, X[:8], kwargs, 1)
         block.requires_grad_(False)
         layers = epts.attach_hilora(block, names, norms, cfg, torch.Generator().manual_seed(0))
-        eager = epts.EPTSConfig(epochs=1, cuda_graph=False, reference_loop=a.reference_loop)
-        epts.phase1_train(block, layers, X[:8], X[:8], kwargs, eager, torch.Generator().manual_seed(0))
+        one, eager = epts.EPTSConfig(epochs=1), epts.Runtime(cuda_graph=False, reference_loop=a.reference_loop)
+        epts.phase1_train(block, layers, X[:8], X[:8], kwargs, one, torch.Generator().manual_seed(0), eager)
         with profile(activities=acts) as prof:
-            epts.phase1_train(block, layers, X[:8], X[:8], kwargs, eager, torch.Generator().manual_seed(0))
+            epts.phase1_train(block, layers, X[:8], X[:8], kwargs, one, torch.Generator().manual_seed(0), eager)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print("torch.profiler, 8 eager Phase-1 steps:")
         print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))

@@ -1,7 +1,7 @@
 """The side-by-side benchmark: EPTS (one elastic run) vs. dense, magnitude, Wanda, SparseGPT and dedicated
 single-sparsity runs, plus uniform vs. OWL layer-wise sparsity, on the two stand-in models.
 
-On the GPU machine (models and data copied into .cache/, see bench/README.md):
+On the GPU machine (models and data copied into .cache/; bench/gpu_all.sh runs every GPU measurement):
 
     python bench/run_bench.py --models .cache/models/opt-mini .cache/models/llama-mini \
         --calib .cache/data/calib.txt --eval .cache/data/wikitext2/test.txt .cache/data/heldout.txt
@@ -27,16 +27,6 @@ DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
 def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     model, tok = epts.load_model(path, "float32", device, verbose=False)
     model.to(device)  # small models: keep everything on the GPU (the loops still move one block at a time)
@@ -46,53 +36,34 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     cfg = epts.EPTSConfig(epochs=a.epochs, seed=a.seed)
     out: dict = {"methods": {}}
 
-    def restore():
-        epts.restore_dense(model, dense)
+    def evaluate() -> dict[str, float]:
+        return {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()}
 
-    def record(method: str, label: str, seconds: float, per_block=None):
-        row = {"ppl": {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()},
-               "achieved_sparsity": epts.measured_sparsity(model), "seconds": seconds}
-        if per_block is not None:
-            row["per_block"] = per_block
-        out["methods"].setdefault(method, {})[label] = row
-        print(f"{os.path.basename(path)} {method:>12} {label:>5}: " +
-              " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()) +
-              f"  achieved {row['achieved_sparsity']:.4f}  {seconds:.1f}s", flush=True)
+    def record(method: str, targets, schedule=None, **how) -> None:
+        """The shared method x sparsity loop (epts.sweep); one results.json entry per sparsity, labelled str(s)."""
+        for row in epts.sweep(model, method, targets, dense, evaluate, schedule, windows=windows, cfg=cfg,
+                              device=device, base_model=path, **how):
+            out["methods"].setdefault(method if schedule is None else f"{method}-owl", {})[str(row["sparsity"])] = row
+            print(f"{os.path.basename(path)} {method:>12} {row['sparsity']:>5}: " +
+                  " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()) +
+                  f"  achieved {row['achieved_sparsity']:.4f}  {row['seconds']:.1f}s", flush=True)
 
-    record("dense", "0.0", 0.0)
-    prune = {"magnitude": lambda s: epts.prune_magnitude(model, s),
-             "wanda": lambda s: epts.prune_wanda(model, windows, s, device, verbose=False),
-             "sparsegpt": lambda s: epts.prune_sparsegpt(model, windows, s, device, verbose=False)}
-    for method, fn in prune.items():
-        for s in SPARSITIES:
-            restore()
-            record(method, str(s), timed(lambda: fn(s))[1])
-    for s in DEDICATED:
-        restore()
-        state, sec = timed(lambda: epts.optimize(model, windows, epts.dedicated_config(cfg, s), device, path,
-                                                 verbose=False))
-        epts.deploy(model, state, s, dense, device)
-        record("dedicated", str(s), sec)
-    restore()
-    state, sec = timed(lambda: epts.optimize(model, windows, cfg, device, path, verbose=False))
-    out["epts_optimize_seconds"] = sec
+    out["methods"]["dense"] = {"0.0": {"ppl": evaluate(), "achieved_sparsity": 0.0, "seconds": 0.0}}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        record(method, SPARSITIES)
+    record("dedicated", DEDICATED)
+    clock = epts.Stopwatch(device)
+    state = epts.optimize(model, windows, cfg, device, path, verbose=False)
+    out["epts_optimize_seconds"] = clock.lap()
     out["epts_blocks"] = [{"low_group_enabled": r.low_group_enabled, "low_check": r.low_check,
                            "seconds": r.seconds, "loss_first_epoch": r.loss_history[0],
                            "loss_last_epoch": r.loss_history[-1]} for r in state.reports]
-    for s in SPARSITIES:
-        _, dsec = timed(lambda: epts.deploy(model, state, s, dense, device))
-        record("epts", str(s), dsec)
+    record("epts", SPARSITIES, state=state)
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
+    top = state.groups[-1][1]
+    record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, top)), state=state)
     dense_norms = epts.dense_act_norms(model, windows, device)
-    for s in OWL:
-        per_block = epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, epts.GROUPS[-1][1]))
-        epts.deploy(model, state, per_block, dense, device)
-        record("epts-owl", str(s), 0.0, per_block)
-        restore()
-        per_block = epts.owl_sparsities(dense, dense_norms, s)
-        record("wanda-owl", str(s), timed(lambda: epts.prune_wanda(model, windows, per_block, device,
-                                                                    verbose=False))[1], per_block)
-    restore()
+    record("wanda", OWL, lambda s: epts.owl_sparsities(dense, dense_norms, s))
     return out
 
 
