@@ -34,6 +34,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -71,7 +72,7 @@ class EPTSConfig:
     batch_size: int = 1
     low_check_sparsity: float | None = 0.3      # where the low-group check compares adapter vs. mask only
     seed: int = 0
-    fixed_sparsity: float | None = None         # train every group at this one sparsity (dedicated baseline)
+    fixed_sparsity: float | str | None = None   # train at this one sparsity or N:M (dedicated baseline)
 
 
 # 1. Architecture map: which modules are the decoder blocks, which linears get pruned --------------------------
@@ -142,6 +143,18 @@ def prune_count(sparsity: float | torch.Tensor, in_features: int) -> int | torch
     if isinstance(sparsity, torch.Tensor):
         return torch.floor(sparsity.double() * in_features + 1e-6).long()
     return math.floor(sparsity * in_features + 1e-6)
+
+
+def nm_ranks(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Ranks for N:M masks (GPU sparse tensor cores): mask_from_ranks(nm_ranks(S, M), N / M) drops the N
+    lowest-scoring weights of every M consecutive inputs of a row, nested in N. Rank j inside its group becomes
+    j * in/M + the group's index, so a row's lowest N * in/M ranks are exactly the N lowest of every group."""
+    out_f, in_f = scores.shape
+    if in_f % m:
+        raise EPTSError(f"an N:M pattern with M = {m} needs input sizes divisible by {m}, got {in_f}")
+    within = row_ranks(scores.reshape(-1, m)).long().view(out_f, in_f // m, m)
+    ranks = within * (in_f // m) + torch.arange(in_f // m, device=scores.device).view(1, -1, 1)
+    return ranks.view(out_f, in_f).to(torch.int16 if in_f < 2 ** 15 else torch.int32)
 
 
 def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
@@ -228,8 +241,8 @@ def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch
     layers = {}
     for n in names:
         base = block.get_submodule(n)
-        layers[n] = HiLoRALinear(base, row_ranks(wanda_scores(base.weight, norms[n])), len(cfg.groups), cfg.rank,
-                                 generator)
+        ranks = ranks_for(wanda_scores(base.weight, norms[n]), cfg.fixed_sparsity)  # N:M for a dedicated N:M run
+        layers[n] = HiLoRALinear(base, ranks, len(cfg.groups), cfg.rank, generator)
         swap_module(block, n, layers[n])
     return layers
 
@@ -408,7 +421,7 @@ def draw_sparsities(cfg: EPTSConfig, steps: int, generator: torch.Generator, str
     (cfg.fixed_sparsity) always uses its one sparsity.
     """
     if cfg.fixed_sparsity is not None:
-        return torch.full((steps, len(cfg.groups)), float(cfg.fixed_sparsity), dtype=torch.float64)
+        return torch.full((steps, len(cfg.groups)), pattern(cfg.fixed_sparsity)[0], dtype=torch.float64)
     if stratified:
         return stratified_draws(cfg.groups, steps, generator)
     return torch.stack([uniform_draws(cfg.groups, generator) for _ in range(steps)])
@@ -423,7 +436,6 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
                  kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, runtime: Runtime | None = None,
                  block_index: int = 0, progress: tqdm | None = None) -> list[list[float]]:
     """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
-
     Every step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses
     and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch.
     """
@@ -451,8 +463,9 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
         epoch_loss = torch.zeros(K, device=device)
         for t, batch in enumerate(batches, start=epoch * len(batches)):
             epoch_loss += step(X_mix[batch], Y[batch], draws[t], cosine_lr(t, total, cfg.lr))
+            show_progress(progress, 1)
         history.append(finite_losses(epoch_loss / len(batches), block_index, epoch))  # one host sync per epoch
-        show_progress(progress, len(batches), block=block_index, epoch=epoch, loss=f"{sum(history[-1]):.4g}")
+        show_progress(progress, 0, block=block_index, epoch=epoch, loss=f"{sum(history[-1]):.4g}")
     return history
 
 
@@ -515,6 +528,7 @@ class ElasticState:
     rank: int
     base_model: str = ""
     fingerprint: dict = field(default_factory=dict)
+    base_dtype: str = ""  # dtype of the base weights during optimize: masks are ranked on these values
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     reports: list[BlockReport] = field(default_factory=list)
@@ -568,17 +582,17 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     With `checkpoint`, the state so far and both streams are written atomically after every block, and
     `resume=True` continues after the last finished block with the same result as an uninterrupted run.
     """
-    validate_config(cfg)
     device = torch.device(device)
+    preflight(model, windows, cfg, device)  # one-line errors before any work (harness)
     _, names = arch_of(model)
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
     X_mix = X_dense.clone()  # block 0: both streams are the embeddings' output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, fingerprint=fingerprint(model))
+                         base_model=base_model, fingerprint=fingerprint(model), base_dtype=weight_dtype(model))
     start = 0
     if resume and checkpoint and os.path.isfile(checkpoint):
-        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, len(windows), base_model)
+        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, windows, base_model)
         X_dense, X_mix = X_dense.to(device), X_mix.to(device)
     steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
     with tqdm(total=steps * len(decoder_blocks(model)), initial=steps * start, desc="EPTS", unit="step",
@@ -590,16 +604,16 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
             state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
             state.reports.append(report)
             if checkpoint:
-                save_checkpoint(checkpoint, state, cfg, i + 1, X_dense, X_mix)
+                save_checkpoint(checkpoint, state, cfg, i + 1, X_dense, X_mix, windows)
     return state
 
 
 # 8. Deploy: one elastic state -> an ordinary transformers model at any sparsity -------------------------------
 
-def per_block_sparsities(sparsity: float | Sequence[float], n_blocks: int) -> list[float]:
-    """One sparsity for every block, from one number (uniform) or a list (non-uniform, e.g. OWL)."""
-    if isinstance(sparsity, (int, float)):
-        return [float(sparsity)] * n_blocks
+def per_block_sparsities(sparsity: float | str | Sequence[float], n_blocks: int) -> list[float | str]:
+    """One sparsity for every block, from one number or N:M pattern (uniform) or a list (e.g. OWL)."""
+    if isinstance(sparsity, (int, float, str)):
+        return [sparsity if isinstance(sparsity, str) else float(sparsity)] * n_blocks
     sparsity = [float(s) for s in sparsity]
     if len(sparsity) != n_blocks:
         raise EPTSError(f"got {len(sparsity)} per-block sparsities for a model with {n_blocks} blocks")
@@ -611,36 +625,26 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
            dense: dict[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
     """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2).
 
-    `sparsity` is one number or one per block (non-uniform deployment). `dense` is `snapshot_linears(model)`
+    `sparsity` is a number, an N:M pattern ("2:4": the N:M mask from the same scores, the adapters of the group
+    that holds N/M), or one number per block (non-uniform deployment). `dense` is `snapshot_linears(model)`
     taken before the first deploy: masks and merged weights always start from the dense weights.
-    The result is a plain transformers model with exactly floor(s * in) zeros in every row.
+    The result is a plain transformers model with exactly floor(s * in) zeros in every row. Above the trained
+    range (s > hi of the last group) the mask alone is deployed, as in the authors' code.
     """
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     for key, lin in pruned_linears(model).items():
         i = block_of(key)
-        s, k = per_block[i], group_of(per_block[i], state.groups)
+        s = pattern(per_block[i])[0]
+        k = NO_ADAPTER if s > state.groups[-1][1] else group_of(s, state.groups)
         W = dense[key].to(device or lin.weight.device, torch.float32)
         if k is not None:
             if k == 0 and not state.low_group_enabled[i]:
                 k = NO_ADAPTER
             A, B = (t.to(W.device) for t in state.adapters[key])
-            ranks = row_ranks(wanda_scores(W, state.act_norms[key].to(W.device)))
+            ranks = ranks_for(wanda_scores(W, state.act_norms[key].to(W.device)), per_block[i])
             W = elastic_weight(W, ranks, A, B, torch.tensor([s], dtype=torch.float64, device=W.device),
                                torch.tensor([k], device=W.device))[0]
         lin.weight.copy_(W.to(lin.weight.dtype))
-    return model
-
-
-def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every pruned linear's dense weight: deploy and every baseline start from these."""
-    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
-
-
-@torch.no_grad()
-def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
-    """Put the dense weights of `snapshot_linears` back."""
-    for key, lin in pruned_linears(model).items():
-        lin.weight.copy_(dense[key])
     return model
 
 
@@ -653,7 +657,7 @@ def validate_config(cfg: EPTSConfig) -> None:
     validate_groups(cfg.groups)
     if len(cfg.mixer) != len(cfg.groups):
         raise EPTSError(f"mixer has {len(cfg.mixer)} weights but there are {len(cfg.groups)} groups")
-    if any(w < 0 for w in cfg.mixer) or abs(sum(cfg.mixer) - 1.0) > 1e-6:
+    if not all(math.isfinite(w) and w >= 0 for w in cfg.mixer) or abs(sum(cfg.mixer) - 1.0) > 1e-6:
         raise EPTSError(f"mixer weights must be non-negative and sum to 1, got {list(cfg.mixer)}")
     if cfg.rank <= 0:
         raise EPTSError(f"--rank must be positive, got {cfg.rank}")
@@ -661,6 +665,55 @@ def validate_config(cfg: EPTSConfig) -> None:
         raise EPTSError(f"--epochs and --batch-size must be positive, got {cfg.epochs}, {cfg.batch_size}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise EPTSError(f"--lr must be a positive number, got {cfg.lr}")
+    (lo, hi), low = cfg.groups[0], cfg.low_check_sparsity
+    if low is not None and not lo < low <= hi:
+        raise EPTSError(f"the low-group check sparsity {low} must lie in group 0 = ({lo}, {hi}]")
+
+
+def preflight(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: torch.device) -> None:
+    """What optimize checks before any work: the config, the window length, and the adapters' memory."""
+    validate_config(cfg)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and windows.shape[-1] > max_pos:
+        raise EPTSError(f"windows of {windows.shape[-1]} tokens are longer than the model's "
+                        f"max_position_embeddings {max_pos}")
+    check_adapter_memory(model, cfg, device)
+
+
+def check_adapter_memory(model: nn.Module, cfg: EPTSConfig, device: torch.device) -> None:
+    """Refuse a rank whose adapters cannot fit, in one line, instead of being killed for memory.
+
+    Per block on `device`: A, B with gradients and Adam's two moments (4 copies, fp32) plus the chained B of
+    every group in the forward (K x out x K*r); on the host: the elastic state of all blocks (fp32).
+    """
+    K, r = len(cfg.groups), cfg.rank
+    on_device, on_host = {}, 0
+    for key, lin in pruned_linears(model).items():
+        adapters = K * r * (lin.in_features + lin.out_features) * 4
+        on_device[block_of(key)] = on_device.get(block_of(key), 0) + 4 * adapters + K * lin.out_features * K * r * 4
+        on_host += adapters
+    need_device, free_device = max(on_device.values()), free_memory(device)
+    need_host, free_host = on_host, free_memory(torch.device("cpu"))
+    for need, free, where in ((need_device, free_device, str(device)), (need_host, free_host, "host")):
+        if need > free:
+            raise EPTSError(f"--rank {r}: the adapters need about {need / 2**30:.1f} GiB of {where} memory, but "
+                            f"{free / 2**30:.1f} GiB are free; use a smaller --rank")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` (CUDA: the driver's count; CPU: MemAvailable, or all memory if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def weight_dtype(model: nn.Module) -> str:
+    """The dtype of the pruned linears' weights, e.g. "torch.bfloat16"."""
+    return str(next(iter(pruned_linears(model).values())).weight.dtype)
 
 
 def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
@@ -688,10 +741,11 @@ def finite_losses(mean: torch.Tensor, block_index: int, epoch: int) -> list[floa
 
 
 def show_progress(progress: tqdm | None, steps: int, **postfix) -> None:
-    """Advance the optimization's progress bar (if any) and show where it is."""
+    """Advance the optimization's progress bar (if any) by `steps` and show where it is (no host sync)."""
     if progress is not None:
         progress.update(steps)
-        progress.set_postfix(**postfix)
+        if postfix:
+            progress.set_postfix(**postfix)
 
 
 def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
@@ -791,7 +845,38 @@ def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
             block.to(home, home_dtype)
 
 
-# 10. Baselines in the same harness: magnitude, Wanda, SparseGPT, dedicated runs, OWL layer-wise sparsity ------
+# 10. Sparsity patterns (N:M) and dense weights ----------------------------------------------------------------
+
+def pattern(sparsity: float | str) -> tuple[float, int | None]:
+    """A sparsity as (fraction pruned, M): 0.5 -> (0.5, None) unstructured; "2:4" -> (0.5, 4), N of every M."""
+    if isinstance(sparsity, str):
+        n, _, m = sparsity.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise EPTSError(f"a sparsity pattern is a number or N:M with 0 < N < M (e.g. 2:4), got '{sparsity}'")
+        return int(n) / int(m), int(m)
+    return float(sparsity), None
+
+
+def ranks_for(scores: torch.Tensor, sparsity: float | str | None) -> torch.Tensor:
+    """row_ranks for an unstructured sparsity, nm_ranks for an N:M pattern."""
+    m = pattern(sparsity)[1] if sparsity is not None else None
+    return row_ranks(scores) if m is None else nm_ranks(scores, m)
+
+
+def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every pruned linear's dense weight: deploy and every baseline start from these."""
+    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
+
+
+@torch.no_grad()
+def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
+    """Put the dense weights of `snapshot_linears` back."""
+    for key, lin in pruned_linears(model).items():
+        lin.weight.copy_(dense[key])
+    return model
+
+
+# 11. Baselines in the same harness: magnitude, Wanda, SparseGPT, dedicated runs, OWL layer-wise sparsity ------
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X over the tokens of a batch: the Hessian H = 2 X X^T / n accumulates it (SparseGPT)."""
@@ -800,24 +885,32 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.Module:
-    """Row-wise magnitude pruning: S_ij = |W_ij| (no data)."""
+    """Magnitude pruning, the baseline of the Wanda and SparseGPT repositories: in every matrix, the
+    floor(s * numel) weights of smallest |W_ij| are removed (one threshold per matrix, not per row; no data).
+    Their code prunes |W| <= the threshold, i.e. one weight more; we remove exactly floor(s * numel).
+    """
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     for key, lin in pruned_linears(model).items():
-        keep = mask_from_ranks(row_ranks(lin.weight.detach().abs().float()), per_block[block_of(key)])
-        lin.weight.mul_(keep.to(lin.weight.dtype))
+        W, (s, m) = lin.weight, pattern(per_block[block_of(key)])
+        scores = W.detach().abs().float()
+        if m is None:  # one ranking over the whole matrix
+            keep = mask_from_ranks(row_ranks(scores.view(1, -1)), s).view_as(W)
+        else:  # N:M: the N smallest |W| of every M consecutive inputs of a row
+            keep = mask_from_ranks(nm_ranks(scores, m), s)
+        W.mul_(keep.to(W.dtype))
     return model
 
 
-def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float) -> torch.Tensor:
-    """Wanda for one layer: W * M(s) with the row-wise mask of Eq. 1 (no weight update).
+def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float | str) -> torch.Tensor:
+    """Wanda for one layer: W * M(s) with the row-wise (or N:M) mask of Eq. 1 (no weight update).
 
     Takes the accumulated sum of squares (||X_j||^2) and n_tokens (unused: row-wise ranking ignores scale) so
     that it has the same signature as sparsegpt_prune and plugs into prune_sequential.
     """
-    return W * mask_from_ranks(row_ranks(wanda_scores(W, sum_sq.sqrt())), sparsity)
+    return W * mask_from_ranks(ranks_for(wanda_scores(W, sum_sq.sqrt()), sparsity), pattern(sparsity)[0])
 
 
-def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float, blocksize: int = 128,
+def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float | str, blocksize: int = 128,
                     percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023) for one layer: OBS pruning with weight updates.
 
@@ -826,8 +919,10 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity:
     saliency w_ij^2 / U_jj^2 (jointly over the block's rows and columns). Visiting column j, the pruned
     weights' error e = (w_j - q_j) / U_jj is pushed onto the not-yet-visited columns,
         W[:, j:] -= e U[j, j:],
-    which is the optimal (OBS) compensation given the columns already fixed.
+    which is the optimal (OBS) compensation given the columns already fixed. For an N:M pattern the mask is
+    chosen adaptively too: on reaching each group of M columns, the N of lowest saliency in every row.
     """
+    s, m = pattern(sparsity)
     W = W.float().clone()
     H = 2 * xtx.float() / n_tokens
     dead = torch.diag(H) == 0          # inputs that are always zero: their weights are irrelevant
@@ -841,9 +936,13 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity:
         d = torch.diag(U1)
         saliency = (W1 ** 2 / d ** 2).flatten()
         pruned = torch.zeros_like(saliency, dtype=torch.bool)
-        pruned[torch.topk(saliency, prune_count(sparsity, saliency.numel()), largest=False).indices] = True
+        if m is None:
+            pruned[torch.topk(saliency, prune_count(s, saliency.numel()), largest=False).indices] = True
         pruned = pruned.view_as(W1)
         for j in range(i2 - i1):
+            if m is not None and j % m == 0:  # N:M: this group's N lowest saliencies, on the updated weights
+                sal = W1[:, j:j + m] ** 2 / d[j:j + m].view(1, -1) ** 2
+                pruned[:, j:j + m].scatter_(1, torch.topk(sal, round(s * m), dim=1, largest=False).indices, True)
             e = W1[:, j] * pruned[:, j] / d[j]
             W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # column j becomes exactly 0 where pruned
             err[:, j] = e
@@ -889,16 +988,17 @@ def prune_sparsegpt(model: nn.Module, windows: torch.Tensor, sparsity: float | S
                             verbose=verbose)
 
 
-def dedicated_config(cfg: EPTSConfig, sparsity: float) -> EPTSConfig:
+def dedicated_config(cfg: EPTSConfig, sparsity: float | str) -> EPTSConfig:
     """The "one optimization per sparsity" baseline that EPTS replaces: the same block reconstruction with a
-    single adapter trained at one fixed sparsity S on its own pruned stream -- one group (0, S], no mixer
-    (weight 1), no low-group check, and the rank of the chain EPTS uses at S: r * (group(S) + 1).
+    single adapter trained at one fixed sparsity S (or N:M pattern, trained on N:M masks) on its own pruned
+    stream -- one group (0, S], no mixer (weight 1), no low-group check, and the rank of the chain EPTS uses
+    at S: r * (group(S) + 1).
     """
-    k = group_of(sparsity, cfg.groups)
+    k = group_of(pattern(sparsity)[0], cfg.groups)
     if k is None:
         raise EPTSError("a dedicated run needs a sparsity > 0")
-    return replace(cfg, groups=((0.0, sparsity),), mixer=(1.0,), rank=cfg.rank * (k + 1), low_check_sparsity=None,
-                   fixed_sparsity=sparsity)
+    return replace(cfg, groups=((0.0, pattern(sparsity)[0]),), mixer=(1.0,), rank=cfg.rank * (k + 1),
+                   low_check_sparsity=None, fixed_sparsity=sparsity)
 
 
 @torch.no_grad()
@@ -974,7 +1074,7 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
     if method == "epts":
         return deploy(model, state, sparsity, dense, device)
     if method == "dedicated":
-        if not isinstance(sparsity, (int, float)):
+        if not isinstance(sparsity, (int, float, str)):
             raise EPTSError("--method dedicated trains one uniform sparsity; use --schedule uniform")
         single = optimize(model, windows, dedicated_config(cfg, sparsity), device, base_model, verbose,
                           runtime=runtime)
@@ -989,10 +1089,10 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
 
 
 def sweep(model: nn.Module, method: str, targets: Sequence[float], dense: dict[str, torch.Tensor],
-          evaluate: Callable[[], dict[str, float]], schedule: Callable[[float], Any] | None = None, **how):
+          evaluate: Callable[[float], dict[str, float]], schedule: Callable[[float], Any] | None = None, **how):
     """The method x sparsity loop (command line, benchmarks, tutorial): for every target sparsity, sparsify
     (`schedule(target)` -> one number or one per block; default the target itself), then yield a row
-    {sparsity, achieved_sparsity, ppl: evaluate(), seconds}. The dense weights are back at the end.
+    {sparsity, achieved_sparsity, ppl: evaluate(target), seconds}. The dense weights are back at the end.
     """
     try:
         for target in targets:
@@ -1000,15 +1100,15 @@ def sweep(model: nn.Module, method: str, targets: Sequence[float], dense: dict[s
             clock = Stopwatch(how.get("device", "cpu"))
             sparsify(model, method, sparsity, dense, **how)
             row = {"sparsity": target, "achieved_sparsity": measured_sparsity(model), "seconds": clock.lap()}
-            row["ppl"] = evaluate()
-            if not isinstance(sparsity, (int, float)):
+            row["ppl"] = evaluate(target)
+            if not isinstance(sparsity, (int, float, str)):
                 row["per_block"] = list(sparsity)
             yield row
     finally:
         restore_dense(model, dense)
 
 
-# 11. Artifacts and checkpoints: safetensors with a JSON header, no pickle, no base weights --------------------
+# 12. Artifacts and checkpoints: safetensors with a JSON header, no pickle, no base weights --------------------
 
 FORMAT_VERSION = 1
 
@@ -1046,13 +1146,13 @@ def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> d
 def _state_header(state: ElasticState) -> dict:
     return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
             "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
-            "reports": [asdict(r) for r in state.reports]}
+            "base_dtype": state.base_dtype, "reports": [asdict(r) for r in state.reports]}
 
 
 def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
     state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
                          base_model=header["base_model"], fingerprint=header["fingerprint"],
-                         reports=[BlockReport(**r) for r in header["reports"]])
+                         base_dtype=header.get("base_dtype", ""), reports=[BlockReport(**r) for r in header["reports"]])
     for name in tensors:
         if name.endswith(".act_norm"):
             key = name[: -len(".act_norm")]
@@ -1085,6 +1185,9 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     if header.get("version", 0) > FORMAT_VERSION:
         raise EPTSError(f"'{path}' has format version {header['version']}, newer than this epts.py reads "
                         f"({FORMAT_VERSION}); update epts.py")
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise EPTSError(f"'{path}' is damaged: tensor '{bad}' holds non-finite values")
     return tensors, header
 
 
@@ -1100,27 +1203,42 @@ def load_elastic(path: str) -> ElasticState:
     return _state_from(*_read(path))
 
 
+def run_identity(windows: torch.Tensor, dtype: str) -> dict:
+    """What a resumed run must share with the interrupted one besides config and base model: the dtype of the
+    base weights and the calibration windows themselves (their shape and a hash of their token ids)."""
+    return {"dtype": dtype, "nsamples": len(windows), "seqlen": windows.shape[-1],
+            "calib_sha256": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
+
+
 def save_checkpoint(path: str, state: ElasticState, cfg: EPTSConfig, next_block: int, X_dense: torch.Tensor,
-                    X_mix: torch.Tensor) -> None:
+                    X_mix: torch.Tensor, windows: torch.Tensor) -> None:
     """The elastic state so far plus both streams at the input of `next_block` (atomic write)."""
     _write(path, {**_state_tensors(state), "stream.dense": X_dense.cpu(), "stream.mix": X_mix.cpu()},
-           {**_state_header(state), "next_block": next_block, "config": asdict(cfg)})
+           {**_state_header(state), "next_block": next_block, "config": asdict(cfg),
+            "run": run_identity(windows, state.base_dtype)})
 
 
-def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, nsamples: int, model_name: str = ""
+def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, windows: torch.Tensor, model_name: str = ""
                     ) -> tuple[ElasticState, int, torch.Tensor, torch.Tensor]:
-    """(state so far, next block, X_dense, X_mix) of a checkpoint made with the same config and base model."""
+    """(state so far, next block, X_dense, X_mix) of a checkpoint made with the same config, base model and
+    calibration data; anything else is refused in one line."""
     tensors, header = _read(path)
     saved = header.get("config", {})
-    if json.loads(json.dumps(asdict(cfg))) != saved or len(tensors["stream.dense"]) != nsamples:
+    if json.loads(json.dumps(asdict(cfg))) != saved:
         raise EPTSError(f"checkpoint '{path}' was made with other settings; remove it or run with the same "
                         f"arguments (saved config: {saved})")
     state = _state_from(tensors, header)
     check_fingerprint(state, model, model_name)
+    now = run_identity(windows, weight_dtype(model))
+    for key, value in header.get("run", {}).items():
+        if now[key] != value:
+            raise EPTSError(f"checkpoint '{path}' was made with another {key.replace('_', ' ')} ({value}, now "
+                            f"{now[key]}): other calibration data, --seqlen, --nsamples or --dtype; remove it or "
+                            "run with the same arguments")
     return state, header["next_block"], tensors["stream.dense"], tensors["stream.mix"]
 
 
-# 12. Data and evaluation --------------------------------------------------------------------------------------
+# 13. Data and evaluation --------------------------------------------------------------------------------------
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole corpus once (the length warning of the tokenizer does not apply to corpora)."""
@@ -1132,19 +1250,27 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def _hub_dataset(*args, **kwargs):
+    """A dataset from the hub; any failure (no `datasets`, offline, no access) is one line naming the way out."""
+    offline = "or pass a local text file instead (e.g. --calib train.txt --eval test.txt)"
     try:
         from datasets import load_dataset  # lazy: only hub datasets need it
     except ImportError as e:
-        raise EPTSError("hub datasets need the `datasets` package (pip install datasets), "
-                        "or pass a path to a local text file") from e
-    return load_dataset(*args, **kwargs)
+        raise EPTSError(f"hub datasets need the `datasets` package (pip install datasets), {offline}") from e
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- network, authentication, missing files: all end the same way
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise EPTSError(f"cannot load the hub dataset '{args[0]}' ({type(e).__name__}: {first}); {offline}") from e
 
 
 def _read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise EPTSError(f"'{path}' is neither a known dataset (c4, wikitext2) nor a text file")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise EPTSError(f"'{path}' is not UTF-8 text (byte {e.start}); pass a plain text file") from e
 
 
 def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, name: str) -> torch.Tensor:
@@ -1160,8 +1286,9 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Calibration data -> LongTensor [nsamples, seqlen].
 
-    c4: SparseGPT/Wanda's protocol (random documents longer than seqlen from the first train shard, one
-    random window each); wikitext2: random windows of the raw train split; anything else: a local text file.
+    c4 and wikitext2: token for token the loaders of the Wanda / SparseGPT repositories (c4: random documents
+    longer than seqlen from the first train shard, one random window each; wikitext2: the raw train split
+    joined by " ", windows starting in [0, n - seqlen - 1]); anything else: random windows of a local text file.
     """
     if nsamples <= 0:
         raise EPTSError(f"--nsamples must be positive, got {nsamples}")
@@ -1176,10 +1303,12 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
                 windows.append(ids[start:start + seqlen])
         return torch.stack(windows)
     if source == "wikitext2":
-        text = "\n\n".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train")["text"])
-    else:
-        text = _read_text(source)
-    return random_windows(_tokenize(tokenizer, text), nsamples, seqlen, seed, source)
+        ids = _tokenize(tokenizer, " ".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1",
+                                                         split="train")["text"]))
+        rng = random.Random(seed)
+        return torch.stack([ids[i:i + seqlen] for i in
+                            [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]])
+    return random_windows(_tokenize(tokenizer, _read_text(source)), nsamples, seqlen, seed, source)
 
 
 def eval_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
@@ -1201,39 +1330,58 @@ def eval_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, device: str | torch.device | None = None,
-               batch_size: int = 8, verbose: bool = False) -> float:
-    """ppl = exp(mean token NLL) over the non-overlapping windows of `seqlen` tokens (the remainder is dropped)."""
+               batch_size: int = 8, verbose: bool = False, desc: str = "ppl") -> float:
+    """ppl = exp(mean token NLL) over the non-overlapping windows of `seqlen` tokens (the remainder is dropped).
+
+    A non-finite result (NaN or inf weights) is an error, never a number in a table.
+    """
     n = tokens.numel() // seqlen
     if n == 0:
         raise EPTSError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     device = device or model.device
     windows = tokens[: n * seqlen].view(n, seqlen)
     nll, count = 0.0, 0
-    for i in tqdm(range(0, n, batch_size), desc="ppl", unit="batch", disable=not verbose, leave=False):
+    for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not verbose, leave=False):
         ids = windows[i:i + batch_size].to(device)
         logits = model(ids, use_cache=False).logits.float()
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum")
         nll += float(loss)
         count += ids[:, 1:].numel()
+    if not math.isfinite(nll):
+        raise EPTSError(f"perplexity is not finite ({desc}): the model's weights hold NaN or inf values")
     return math.exp(nll / count)
 
 
-# 13. Command line ---------------------------------------------------------------------------------------------
+# 14. Command line ---------------------------------------------------------------------------------------------
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (the command line's way; the library raises or returns instead)."""
+    print(f"warning: {message}", file=sys.stderr)
+
 
 def pick_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch device that exists here; anything else is a one-line error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         warnings.warn("no GPU found: running on the CPU (slow for real models)")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    head, _, index = name.partition(":")
+    if name == "cpu":
+        return torch.device("cpu")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise EPTSError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if not torch.cuda.is_available():
         raise EPTSError(f"--device {name} was asked for, but torch sees no CUDA GPU; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise EPTSError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device(name)
 
 
 def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: bool = False,
                verbose: bool = True):
+    """(model, tokenizer) from the hub or a local folder; a failure to load either is one line naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     if not verbose:
@@ -1244,9 +1392,15 @@ def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: b
         torch_dtype = getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise EPTSError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise EPTSError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from e
+    if len(tokenizer) <= 1 or not tokenizer("a b c")["input_ids"]:
+        raise EPTSError(f"the tokenizer of '{name}' has no vocabulary: the model folder lacks its tokenizer files "
+                        "(tokenizer.json / tokenizer_config.json / vocab files)")
     arch_of(model)
     model.eval()
     return model, tokenizer
@@ -1259,17 +1413,24 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = EPTSConfig()  # the method's defaults are written once, in EPTSConfig
-    p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].")
-    p.add_argument("--model", required=True, help="HF hub name or local path (OPT or LLaMA family)")
-    p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text file (default c4)")
+    p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF hub name or local folder (OPT or LLaMA family)")
+    p.add_argument("--calib", default="c4", help="calibration data: c4 | wikitext2 | path to a text file")
     p.add_argument("--eval", nargs="+", default=["wikitext2"], help="wikitext2 | c4 | text file paths | none")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=None, help="default: min(2048, max_position_embeddings)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="evaluate on the first N tokens of each --eval text only (default: all)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window, and per evaluation "
+                   "window (perplexity depends on it); default min(2048, max_position_embeddings)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of Phase 1 per block")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate, cosine-annealed to 0")
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank of every adapter pair (B_k, A_k)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
+    p.add_argument("--pattern", default="unstructured", type=pattern_arg,
+                   help="unstructured, or N:M (e.g. 2:4, 4:8: N of every M consecutive inputs pruned, what GPU "
+                        "sparse tensor cores run); N:M evaluates that pattern instead of --sparsities")
     p.add_argument("--method", choices=METHODS, default="epts",
                    help="epts: one elastic run for all sparsities; dedicated: one EPTS-style run per sparsity; "
                         "wanda / sparsegpt / magnitude: one pruning per sparsity")
@@ -1281,7 +1442,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
     p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
     p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and of every draw")
     p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in d.groups], metavar="HI",
                    help="upper ends of the sparsity groups; group k is (HI_{k-1}, HI_k], starting at 0")
     p.add_argument("--mixer", type=float, nargs="+", default=list(d.mixer), help="MSFM weights, one per group")
@@ -1291,42 +1452,178 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", help="write a checkpoint after every block here (default: --save's folder)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint after the last finished block")
     p.add_argument("--load", help="load an elastic state instead of optimizing")
-    p.add_argument("--export-sparsity", type=float, help="deploy at this sparsity and save_pretrained it")
-    p.add_argument("--export-dir", help="where --export-sparsity writes the model")
+    p.add_argument("--export-sparsity", type=sparsity_arg, help="save the model at this sparsity or N:M pattern "
+                   "(any --method) to --export-dir as a plain transformers model")
+    p.add_argument("--export-dir", help="an empty or new folder for --export-sparsity")
+    p.add_argument("--export-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the exported weights (auto: the checkpoint's own dtype)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing existing --save / --json-out files "
+                   "and a non-empty --export-dir (never the model's own folder)")
     p.add_argument("--json-out", help="write the results as JSON here")
-    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward when evaluating")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
+def sparsity_arg(text: str) -> float | str:
+    """A command-line sparsity: a number, or an N:M pattern kept as text ("2:4")."""
+    if ":" in text:
+        try:
+            pattern(text)
+        except EPTSError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+        return text
+    try:
+        return float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid sparsity '{text}': a number or N:M") from e
+
+
+def pattern_arg(text: str) -> str:
+    """--pattern: unstructured or N:M."""
+    if text != "unstructured" and not isinstance(sparsity_arg(text), str):
+        raise argparse.ArgumentTypeError(f"--pattern is unstructured or N:M (e.g. 2:4), got '{text}'")
+    return text
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
-    """The method's hyper-parameters and the runtime options, validated."""
+    """The method's hyper-parameters and the runtime options, and every plain number checked."""
     groups = tuple(zip([0.0] + args.groups[:-1], args.groups))
+    low = EPTSConfig().low_check_sparsity
+    if not groups[0][0] < low <= groups[0][1]:  # other --groups: the paper's 0.3 is 3/4 of group 0 = (0, 0.4]
+        low = 0.75 * groups[0][1]
     cfg = EPTSConfig(groups=groups, mixer=tuple(args.mixer), rank=args.rank, epochs=args.epochs, lr=args.lr,
-                     batch_size=args.batch_size, seed=args.seed)
+                     batch_size=args.batch_size, seed=args.seed, low_check_sparsity=low)
     validate_config(cfg)
-    if args.nsamples <= 0:
-        raise EPTSError(f"--nsamples must be positive, got {args.nsamples}")
+    for flag, value, least in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
+                               ("--eval-batch-size", args.eval_batch_size, 1), ("--eval-tokens", args.eval_tokens, 2)):
+        if value is not None and value < least:
+            raise EPTSError(f"{flag} must be at least {least}, got {value}")
     return cfg, Runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop)
 
 
 def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, float]],
                      schedule: Sequence[float] | None = None) -> None:
-    """Every sparsity the run will deploy lies in the trained range of `groups` (one place for this check)."""
-    asked = list(schedule or args.sparsities)
-    for s in asked + ([args.export_sparsity] if args.export_sparsity is not None else []):
-        group_of(s, groups)
+    """Every sparsity the run will apply lies in [0, 1); a dedicated run's in the trained groups. EPTS above
+    its top group deploys the mask alone (as the authors' code), with a warning."""
+    asked = [pattern(s)[0] for s in list(schedule or targets_of(args)) + (
+        [args.export_sparsity] if args.export_sparsity is not None else [])]
+    for s in asked:
+        if not (math.isfinite(s) and 0 <= s < 1):
+            raise EPTSError(f"sparsity {s} is outside [0, 1)")
+        if args.method == "dedicated":
+            group_of(s, groups)
+    above = sorted({s for s in asked if s > groups[-1][1]})
+    if args.method == "epts" and above:
+        warn(f"sparsities {above} lie above the trained range (0, {groups[-1][1]}]: the mask alone is deployed there")
 
 
-def checkpoint_path(args: argparse.Namespace) -> str | None:
-    """Where the per-block checkpoint lives: --checkpoint-dir, else --save's folder (EPTS only)."""
-    if not (args.checkpoint_dir or (args.save and args.method == "epts")):
-        if args.resume:
-            raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives)")
+def targets_of(args: argparse.Namespace) -> list[float | str]:
+    """What the run evaluates: the --sparsities, or the one --pattern N:M."""
+    return args.sparsities if args.pattern == "unstructured" else [args.pattern]
+
+
+def check_patterns(args: argparse.Namespace, model: nn.Module) -> None:
+    """An N:M pattern needs every pruned linear's input size divisible by M (checked before any work)."""
+    for s in targets_of(args) + [args.export_sparsity]:
+        m = pattern(s)[1] if s is not None else None
+        bad = [k for k, lin in pruned_linears(model).items() if m and lin.in_features % m]
+        if bad:
+            raise EPTSError(f"pattern {s}: '{bad[0]}' has {pruned_linears(model)[bad[0]].in_features} inputs, "
+                            f"not a multiple of {m}")
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (both made absolute, links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def writable_folder(folder: str, flag: str) -> None:
+    """Create `folder` if needed and prove it writable with a temporary file; else a one-line error."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise EPTSError(f"{flag}: cannot write to '{folder}' ({e.strerror or e})") from e
+
+
+def check_outputs(args: argparse.Namespace) -> str | None:
+    """Before any work: refuse every output that would destroy data (the model's own folder, another output,
+    an existing file or non-empty folder without --overwrite) or could not be written. Returns the checkpoint
+    path, named after --save so two runs in one folder never share one."""
+    model_dir = args.model if os.path.isdir(args.model) else None
+    files = {flag: p for flag, p in (("--save", args.save), ("--json-out", args.json_out)) if p}
+    if len(files) == 2 and os.path.realpath(args.save) == os.path.realpath(args.json_out):
+        raise EPTSError("--save and --json-out name the same file")
+    for flag, path in files.items():
+        if model_dir and inside(path, model_dir):
+            raise EPTSError(f"{flag} '{path}' lies inside the model folder '{args.model}': refusing to write there")
+        if args.export_dir and inside(path, args.export_dir):
+            raise EPTSError(f"{flag} '{path}' lies inside --export-dir '{args.export_dir}'")
+        if os.path.isdir(path) or (os.path.exists(path) and not args.overwrite):
+            raise EPTSError(f"{flag} '{path}' exists{' as a folder' if os.path.isdir(path) else ''}; "
+                            "choose a new file name" + ("" if os.path.isdir(path) else " or pass --overwrite"))
+        writable_folder(os.path.dirname(os.path.abspath(path)), flag)
+    if args.export_dir or args.export_sparsity is not None:
+        check_export_dir(args, model_dir)
+    return checkpoint_path(args, model_dir)
+
+
+def check_export_dir(args: argparse.Namespace, model_dir: str | None) -> None:
+    """--export-dir: a new or empty folder (non-empty with --overwrite), never the model's own folder."""
+    path = args.export_dir
+    if not path or args.export_sparsity is None:
+        raise EPTSError("--export-sparsity and --export-dir go together")
+    if model_dir and (inside(path, model_dir) or inside(model_dir, path)):
+        raise EPTSError(f"--export-dir '{path}' would overwrite the model folder '{args.model}'")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise EPTSError(f"--export-dir '{path}' is a file, not a folder")
+    if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
+        raise EPTSError(f"--export-dir '{path}' is not empty; choose a new folder or pass --overwrite")
+    writable_folder(path, "--export-dir")
+
+
+def checkpoint_file(args: argparse.Namespace) -> str | None:
+    """<--save>.checkpoint (in --checkpoint-dir if given, else beside --save), or epts.checkpoint in a
+    --checkpoint-dir without --save; None when the run writes no checkpoint."""
+    if args.method != "epts" or args.load or not (args.checkpoint_dir or args.save):
         return None
-    folder = args.checkpoint_dir or os.path.dirname(os.path.abspath(args.save))
-    return os.path.join(folder, "epts-checkpoint.safetensors")
+    name = os.path.basename(args.save) + ".checkpoint" if args.save else "epts.checkpoint"
+    return os.path.join(args.checkpoint_dir or os.path.dirname(os.path.abspath(args.save)), name)
+
+
+def checkpoint_path(args: argparse.Namespace, model_dir: str | None = None) -> str | None:
+    """The checkpoint file, checked: writable, outside the model folder, and an existing one is only ever
+    continued (--resume), never replaced by another run."""
+    path = checkpoint_file(args)
+    if path is None:
+        if args.resume:
+            raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives), with --method epts")
+        return None
+    folder = os.path.dirname(path)
+    if model_dir and inside(path, model_dir):
+        raise EPTSError(f"the checkpoint '{path}' would lie inside the model folder '{args.model}'")
+    writable_folder(folder, "--checkpoint-dir" if args.checkpoint_dir else "--save")
+    if os.path.exists(path) and not args.resume:
+        raise EPTSError(f"a checkpoint of an interrupted run exists at '{path}': pass --resume to continue it, "
+                        "or remove it")
+    if args.resume and not os.path.exists(path):
+        warn(f"--resume: no checkpoint at '{path}', starting from block 0")
+    return path
+
+
+def load_artifact(args: argparse.Namespace, model: nn.Module) -> ElasticState:
+    """--load: the elastic state, checked against the model (weights and, with a warning, their dtype)."""
+    state = load_elastic(args.load)
+    check_fingerprint(state, model, args.model)
+    if state.base_dtype and state.base_dtype != weight_dtype(model):
+        warn(f"the elastic state was optimized on {state.base_dtype} weights, this model holds "
+             f"{weight_dtype(model)}: a few mask positions may differ; load with --dtype "
+             f"{state.base_dtype.replace('torch.', '')} for the same masks")
+    return state
 
 
 def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig,
@@ -1342,14 +1639,33 @@ def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch
     return state, seconds
 
 
-def export(args: argparse.Namespace, model: nn.Module, tokenizer, state: ElasticState,
-           dense: dict[str, torch.Tensor], device: torch.device) -> None:
-    """--export-sparsity: deploy there and save a plain transformers model (then back to dense)."""
-    deploy(model, state, args.export_sparsity, dense, device)
-    model.save_pretrained(args.export_dir)
-    tokenizer.save_pretrained(args.export_dir)
-    print(f"exported sparsity {args.export_sparsity} (achieved {measured_sparsity(model):.4f}) to {args.export_dir}")
+def export(args: argparse.Namespace, model: nn.Module, tokenizer, dense: dict[str, torch.Tensor], how: dict) -> None:
+    """--export-sparsity: `--method`'s model at that sparsity as a plain transformers model, in the
+    checkpoint's own dtype unless --export-dtype says otherwise; checked for NaN and for having been written."""
+    sparsify(model, args.method, args.export_sparsity, dense, **how)
+    if not all(bool(torch.isfinite(lin.weight).all()) for lin in pruned_linears(model).values()):
+        raise EPTSError("the model to export holds non-finite weights; nothing was written")
+    home = next(model.parameters()).dtype
+    dtype = getattr(torch, args.export_dtype) if args.export_dtype != "auto" else checkpoint_dtype(args.model, home)
+    model.to(dtype)  # back below: a checkpoint loaded into fp32 from fp16/bf16 goes back and forth exactly
+    try:
+        model.save_pretrained(args.export_dir)
+        tokenizer.save_pretrained(args.export_dir)
+    finally:
+        model.to(home)
+    written = os.listdir(args.export_dir)
+    if "config.json" not in written or not any(f.endswith(".safetensors") for f in written):
+        raise EPTSError(f"the export to '{args.export_dir}' was not written completely (found {sorted(written)})")
+    print(f"exported {args.method} at sparsity {args.export_sparsity} (achieved {measured_sparsity(model):.4f}, "
+          f"{str(dtype).replace('torch.', '')}) to {args.export_dir}")
     restore_dense(model, dense)
+
+
+def checkpoint_dtype(name: str, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (config.json), whatever it was loaded in."""
+    from transformers import AutoConfig
+    saved = getattr(AutoConfig.from_pretrained(name), "dtype", None)
+    return getattr(torch, saved) if isinstance(saved, str) else (saved or fallback)
 
 
 def sparsity_plan(args: argparse.Namespace, model: nn.Module, dense: dict[str, torch.Tensor],
@@ -1362,80 +1678,96 @@ def sparsity_plan(args: argparse.Namespace, model: nn.Module, dense: dict[str, t
         norms = state.act_norms if state is not None else dense_act_norms(model, how["windows"], how["device"])
         limits = (0.0, state.groups[-1][1]) if state is not None else (0.0, 1.0)
         return args.sparsities, lambda target: owl_sparsities(dense, norms, target, limits=limits)
-    return args.sparsities, None
+    return targets_of(args), None
 
 
-def print_table(rows: list[dict], evals: Sequence[str]) -> None:
+def table_row(r: dict, evals: Sequence[str]) -> str:
+    ppl = " ".join(f"{r['ppl'][e]:>14.3f}" for e in evals)
+    s = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
+    return f"{s:>8} {r['achieved_sparsity']:>9.4f} {ppl} {r['seconds']:>8.1f}"
+
+
+def table_head(evals: Sequence[str]) -> str:
     short = [os.path.basename(e.rstrip("/")) or e for e in evals]
     head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{s[:14]:>14}" for s in short) + f" {'seconds':>8}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        ppl = " ".join(f"{r['ppl'][e]:>14.3f}" for e in evals)
-        print(f"{r['sparsity']:>8.2f} {r['achieved_sparsity']:>9.4f} {ppl} {r['seconds']:>8.1f}")
+    return head + "\n" + "-" * len(head)
 
 
 def run(args: argparse.Namespace) -> dict:
-    """The command line's job: optimize (or load), optionally export, then sweep the sparsities and evaluate."""
+    """The command line's job. Everything that can be checked is checked before any work; then optimize (or
+    load), optionally export, and sweep the sparsities, printing each row as soon as it is evaluated."""
     cfg, runtime = configs_from_args(args)
     check_sparsities(args, cfg.groups)
-    checkpoint = checkpoint_path(args)
-    if args.export_sparsity is not None and (not args.export_dir or args.method != "epts"):
-        raise EPTSError("--export-sparsity needs --export-dir and --method epts")
+    checkpoint = check_outputs(args)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
+    check_patterns(args, model)
     schedule_file = load_schedule(args.schedule, len(decoder_blocks(model)))
     if schedule_file is not None:
         check_sparsities(args, cfg.groups, schedule_file)
-    max_pos = getattr(model.config, "max_position_embeddings", 2048)
-    seqlen = args.seqlen or min(2048, max_pos)
-    if seqlen > max_pos:
-        raise EPTSError(f"--seqlen {seqlen} is above the model's max_position_embeddings {max_pos}")
-    state = load_elastic(args.load) if args.load else None
+    seqlen = args.seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
+    if seqlen > getattr(model.config, "max_position_embeddings", seqlen):
+        raise EPTSError(f"--seqlen {seqlen} is above the model's max_position_embeddings "
+                        f"{model.config.max_position_embeddings}")
+    state = load_artifact(args, model) if args.load else None
     if state is not None:
-        check_fingerprint(state, model, args.model)
         check_sparsities(args, state.groups)
     needs_calib = not (args.method == "epts" and state is not None) and not (
         args.method == "magnitude" and args.schedule != "owl")
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, seqlen, args.seed) if needs_calib else None
-    result = {"model": args.model, "method": args.method, "config": {**vars(args), "seqlen": seqlen},
-              "dense": {}, "results": [], "optimize_seconds": 0.0}
+    tokens = load_eval_tokens(args, tokenizer, seqlen)  # before any optimization: a bad --eval fails now
+    config = {**vars(args), "seqlen": seqlen}
+    if state is not None:  # what the loaded artifact was made with, not what the command line says
+        config.update(groups=[hi for _, hi in state.groups], mixer=state.mixer, rank=state.rank)
+    result = {"model": args.model, "method": args.method, "config": config, "dense": {}, "results": [],
+              "optimize_seconds": 0.0}
     if args.method == "epts" and state is None:
         state, result["optimize_seconds"] = optimize_and_save(args, model, windows, cfg, runtime, device, checkpoint)
     if state is not None:
         result["low_group_enabled"] = state.low_group_enabled
     dense = snapshot_linears(model)
-    if args.export_sparsity is not None:
-        export(args, model, tokenizer, state, dense, device)
-    evals = [e for e in args.eval if e != "none"]
-    if not evals:
-        return result
     how = dict(windows=windows, state=state, cfg=cfg, device=device, verbose=not args.quiet, runtime=runtime,
                base_model=args.model)
-    targets, schedule = sparsity_plan(args, model, dense, schedule_file, how)
-    tokens = {e: eval_tokens(tokenizer, e, seqlen) for e in evals}
+    if args.export_sparsity is not None:
+        export(args, model, tokenizer, dense, how)
+    if tokens:
+        evaluate_and_report(args, model, tokens, seqlen, dense, schedule_file, how, result)
+    return result
 
-    def evaluate() -> dict[str, float]:
-        model.to(device)
-        ppl = {e: perplexity(model, tokens[e], seqlen, device, args.eval_batch_size, not args.quiet) for e in evals}
+
+def load_eval_tokens(args: argparse.Namespace, tokenizer, seqlen: int) -> dict[str, torch.Tensor]:
+    """Every --eval text, tokenized (and cut to --eval-tokens); each must hold at least one window."""
+    tokens = {}
+    for e in (e for e in args.eval if e != "none"):
+        tokens[e] = eval_tokens(tokenizer, e, seqlen)[: args.eval_tokens]
+        if tokens[e].numel() < seqlen:
+            raise EPTSError(f"--eval '{e}' has {tokens[e].numel()} tokens, fewer than one window of {seqlen}")
+    return tokens
+
+
+def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict[str, torch.Tensor], seqlen: int,
+                        dense: dict[str, torch.Tensor], schedule_file: list[float] | None, how: dict,
+                        result: dict) -> None:
+    """Dense perplexity, then the method at every sparsity; each table row printed when ready; --json-out."""
+    def evaluate(sparsity: float) -> dict[str, float]:
+        model.to(how["device"])
+        ppl = {e: perplexity(model, t, seqlen, how["device"], args.eval_batch_size, not args.quiet,
+                             desc=f"ppl {os.path.basename(e.rstrip('/')) or e} s={sparsity}") for e, t in tokens.items()}
         if args.method != "epts":
             model.cpu()  # the pruning loops keep the model where it was loaded and move one block at a time
         return ppl
 
-    result["dense"] = evaluate()
-    result["results"] = list(sweep(model, args.method, targets, dense, evaluate, schedule, **how))
-    report(args, result, evals, seqlen)
-    return result
-
-
-def report(args: argparse.Namespace, result: dict, evals: Sequence[str], seqlen: int) -> None:
-    """The results table on stdout, and --json-out."""
+    targets, schedule = sparsity_plan(args, model, dense, schedule_file, how)
+    result["dense"] = evaluate(0.0)
     print(f"\n{args.method} on {args.model} (seqlen {seqlen}, schedule {args.schedule}); "
           f"optimize {result['optimize_seconds']:.1f}s")
-    rows = [{"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}]
-    print_table(rows + result["results"], evals)
+    print(table_head(list(tokens)))
+    print(table_row({"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}, list(tokens)),
+          flush=True)
+    for row in sweep(model, args.method, targets, dense, evaluate, schedule, **how):
+        result["results"].append(row)
+        print(table_row(row, list(tokens)), flush=True)
     if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2, default=str)
 
@@ -1450,7 +1782,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EPTSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{resume_hint(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """After Ctrl-C: how to continue, when a checkpoint was written."""
+    path = checkpoint_file(args)
+    if not path or not os.path.isfile(path):
+        return ""
+    done = _read(path)[1].get("next_block", 0)
+    return f": {done} finished block(s) are saved in '{path}'; run the same command with --resume to continue"
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def main() -> int:
     windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
     tokens = epts.eval_tokens(tok, a.eval, a.seqlen)[: 64 * a.seqlen]
     dense = epts.snapshot_linears(model)
-    evaluate = lambda: {"wikitext2": epts.perplexity(model, tokens, a.seqlen)}  # noqa: E731
-    ppl = {"dense": evaluate()["wikitext2"]}
+    evaluate = lambda s: {"wikitext2": epts.perplexity(model, tokens, a.seqlen)}  # noqa: E731
+    ppl = {"dense": evaluate(0.0)["wikitext2"]}
     state = epts.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu", a.model, verbose=False)
     for method in ("epts", "wanda"):  # the elastic model deployed; Wanda pruned once per sparsity
         for row in epts.sweep(model, method, a.sparsities, dense, evaluate, state=state, windows=windows):

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
 
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
+NM = ["2:4", "4:8"]  # N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
+METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl"]
 DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
 
@@ -36,7 +38,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     cfg = epts.EPTSConfig(epochs=a.epochs, seed=a.seed)
     out: dict = {"methods": {}}
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(sparsity: float = 0.0) -> dict[str, float]:
         return {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()}
 
     def record(method: str, targets, schedule=None, **how) -> None:
@@ -50,20 +52,27 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
 
     out["methods"]["dense"] = {"0.0": {"ppl": evaluate(), "achieved_sparsity": 0.0, "seconds": 0.0}}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        record(method, SPARSITIES)
-    record("dedicated", DEDICATED)
+        if method in a.methods:
+            record(method, SPARSITIES + NM)
+    if "dedicated" in a.methods:
+        record("dedicated", DEDICATED + NM[:1])  # the dedicated N:M run trains on 2:4 masks
+    if not {"epts", "epts-owl"} & set(a.methods):
+        return out
     clock = epts.Stopwatch(device)
     state = epts.optimize(model, windows, cfg, device, path, verbose=False)
     out["epts_optimize_seconds"] = clock.lap()
     out["epts_blocks"] = [{"low_group_enabled": r.low_group_enabled, "low_check": r.low_check,
                            "seconds": r.seconds, "loss_first_epoch": r.loss_history[0],
                            "loss_last_epoch": r.loss_history[-1]} for r in state.reports]
-    record("epts", SPARSITIES, state=state)
+    if "epts" in a.methods:
+        record("epts", SPARSITIES + NM, state=state)
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
-    record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, top)), state=state)
-    dense_norms = epts.dense_act_norms(model, windows, device)
-    record("wanda", OWL, lambda s: epts.owl_sparsities(dense, dense_norms, s))
+    if "epts-owl" in a.methods:
+        record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, top)), state=state)
+    if "wanda-owl" in a.methods:
+        dense_norms = epts.dense_act_norms(model, windows, device)
+        record("wanda", OWL, lambda s: epts.owl_sparsities(dense, dense_norms, s))
     return out
 
 
@@ -91,6 +100,10 @@ def write_markdown(results: dict, path: str) -> None:
          f"{results['config']['epochs']} epochs, batch 1, lr 1e-3, mixer 0.1x4/0.2x3). Perplexity on "
          "non-overlapping windows of the same length. WikiText-2 here is the tokenized release: not comparable "
          "to papers' raw-release numbers.", ""]
+    for r in results.get("reruns", []):
+        L += [f"Re-run later for {', '.join(r['methods'])} ({r.get('env', {}).get('gpu', '?')}, "
+              f"{r.get('env', {}).get('wall_seconds', 0):.0f} s), replacing those entries:", "", "```",
+              r["command"], "```", ""]
     labels = [str(s) for s in SPARSITIES]
     for name, res in results["models"].items():
         L += [f"## {name}", ""]
@@ -99,6 +112,11 @@ def write_markdown(results: dict, path: str) -> None:
         for e in evals:
             L += [f"Perplexity on `{e}` (dense: {dense[e]:.2f}), by sparsity:", ""]
             L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts"], labels) + [""]
+        L += ["N:M patterns (what GPU sparse tensor cores run) beside unstructured 0.5; EPTS deploys the N:M mask of "
+              "the same scores with the adapters of the group holding N/M (trained on unstructured masks); the "
+              "dedicated run is trained on 2:4 masks:", ""]
+        for e in evals[:1]:
+            L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts"], ["0.5"] + NM) + [""]
         L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block sparsities clamped "
               "to the trained range [0, 0.7] for EPTS:", ""]
         for e in evals[:1]:
@@ -132,9 +150,10 @@ def write_markdown(results: dict, path: str) -> None:
                   f"(Phase 1 {sum(b['seconds']['phase1'] for b in blocks) / len(blocks):.2f} s); "
                   f"low-group adapter kept in {sum(b['low_group_enabled'] for b in blocks)} of {len(blocks)} "
                   "blocks.", ""]
+        five = lambda k: sum(m[k][str(s)]["seconds"] for s in SPARSITIES)  # noqa: E731
         L += ["Time to produce the five sparsities (s): " + ", ".join(
-            f"{k} {sum(v['seconds'] for v in m[k].values()):.1f}" for k in ("magnitude", "wanda", "sparsegpt")) +
-              f", EPTS {res['epts_optimize_seconds'] + sum(v['seconds'] for v in m['epts'].values()):.1f} "
+            f"{k} {five(k):.1f}" for k in ("magnitude", "wanda", "sparsegpt")) +
+              f", EPTS {res['epts_optimize_seconds'] + five('epts'):.1f} "
               f"(optimize once + five deploys).", ""]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
@@ -150,22 +169,39 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                   help="re-run only these; their entries replace those in the --out results.json")
+    p.add_argument("--from", dest="previous", help="results.json to update with --methods (default: --out's)")
     a = p.parse_args()
     device = epts.pick_device("auto")
     t0 = time.perf_counter()
     results = {"config": vars(a), "models": {}}
+    if a.methods != METHODS:  # a partial re-run: keep every other entry of the previous results
+        with open(a.previous or os.path.join(a.out, "results.json")) as f:
+            results = json.load(f)
+        results.setdefault("reruns", []).append({"methods": a.methods, "command": "python " + " ".join(sys.argv)})
     for path in a.models:
-        results["models"][os.path.basename(path.rstrip("/"))] = bench_model(path, a, device)
+        name = os.path.basename(path.rstrip("/"))
+        new = bench_model(path, a, device)
+        if a.methods != METHODS:
+            results["models"][name]["methods"].update(new.pop("methods"))
+            results["models"][name].update(new)
+        else:
+            results["models"][name] = new
         write_all(results, a, device, t0)  # after every model: a run cut short keeps what it finished
     print(open(os.path.join(a.out, "RESULTS.md")).read())
 
 
 def write_all(results: dict, a: argparse.Namespace, device: torch.device, t0: float) -> None:
     import transformers
-    results["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                      "torch": torch.__version__, "transformers": transformers.__version__,
-                      "python": platform.python_version(), "wall_seconds": time.perf_counter() - t0,
-                      "command": "python " + " ".join(sys.argv)}
+    if a.methods != METHODS:  # the environment of the full run stays; the re-run records its own
+        results["reruns"][-1]["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                        "wall_seconds": time.perf_counter() - t0}
+    else:
+        results["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                          "torch": torch.__version__, "transformers": transformers.__version__,
+                          "python": platform.python_version(), "wall_seconds": time.perf_counter() - t0,
+                          "command": "python " + " ".join(sys.argv)}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
