@@ -1157,3 +1157,28 @@ def test_pattern_rows_are_labelled_nm(tiny_dir, tmp_path):
     code, printed, _ = run_cli(*cli(tiny_dir, "opt", "--method", "wanda", "--pattern", "2:4", "--json-out", out))
     row = json.loads(out.read_text())["results"][0]
     assert code == 0 and row["sparsity"] == "2:4" and row["achieved_sparsity"] == 0.5 and "     2:4" in printed
+
+
+def test_nm_training_adds_one_slice_that_trains_the_group_of_n_over_m_on_nm_masks(windows):
+    cfg = epts.EPTSConfig(nm_train="2:4")
+    groups, draws, nm = epts.phase1_slices(cfg, 5, torch.Generator().manual_seed(0), torch.device("cpu"))
+    plain = epts.phase1_slices(epts.EPTSConfig(), 5, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert groups.tolist() == list(range(7)) + [2] and plain[2] is None
+    assert torch.equal(draws[:, :7], plain[1]) and (draws[:, 7] == 0.5).all()   # the paper's draws unchanged
+    assert nm.tolist() == [False] * 7 + [True]
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, names = epts.decoder_blocks(model)[0], epts.arch_of(model)[1]
+    _, norms = epts.dense_targets_and_norms(block, names, X, kwargs, chunk=2)
+    ref = copy.deepcopy(model)
+    layers = epts.attach_hilora(block, names, norms, epts.EPTSConfig(rank=2, nm_train="2:4"),
+                                torch.Generator().manual_seed(0))
+    s = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        out = epts.forward_groups(block, layers, X[:2], kwargs, s, torch.tensor([2, 2]), nm=torch.tensor([False, True]))
+        for n in names:                                                      # B = 0: plain W * M_{2:4}
+            lin = epts.decoder_blocks(ref)[0].get_submodule(n)
+            lin.weight.mul_(epts.mask_from_ranks(layers[n].nm_ranks, 0.5))
+        expected = epts.call_block(epts.decoder_blocks(ref)[0], X[:2], kwargs)
+    torch.testing.assert_close(out[1], expected)
+    assert not torch.allclose(out[0], out[1])                                # slice 0: the unstructured mask
