@@ -1517,6 +1517,8 @@ def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, flo
                      schedule: Sequence[float] | None = None) -> None:
     """Every sparsity the run will apply lies in [0, 1); a dedicated run's in the trained groups. EPTS above
     its top group deploys the mask alone (as the authors' code), with a warning."""
+    if args.pattern != "unstructured" and args.schedule != "uniform":
+        raise EPTSError("--pattern N:M puts one pattern in every block: use it with --schedule uniform")
     asked = [pattern(s)[0] for s in list(schedule or targets_of(args)) + (
         [args.export_sparsity] if args.export_sparsity is not None else [])]
     for s in asked:
@@ -1801,9 +1803,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def resume_hint(args: argparse.Namespace) -> str:
     """After Ctrl-C: how to continue, when a checkpoint was written."""
     path = checkpoint_file(args)
-    if not path or not os.path.isfile(path):
+    try:
+        done = _read(path)[1].get("next_block", 0) if path and os.path.isfile(path) else None
+    except EPTSError:
+        done = None
+    if done is None:
         return ""
-    done = _read(path)[1].get("next_block", 0)
     return f": {done} finished block(s) are saved in '{path}'; run the same command with --resume to continue"
 
 

@@ -906,6 +906,8 @@ def test_resume_refuses_other_calibration_data_seqlen_or_dtype(tmp_path):
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--groups", "0.5", "1.0", "--mixer", "0.5", "0.5", "--sparsities", "1.0"], "outside [0, 1)"),
     (["--rank", "100000000"], "the adapters need about"),
+    (["--pattern", "2:4", "--schedule", "owl"], "use it with --schedule uniform"),
+    (["--pattern", "3:4x"], "--pattern"),
 ])
 def test_more_bad_inputs_fail_in_one_line_before_any_work(tiny_dir, monkeypatch, extra, message):
     real = epts.optimize

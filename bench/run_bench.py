@@ -25,7 +25,8 @@ import epts  # noqa: E402
 
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
 NM = ["2:4", "4:8"]  # N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
-METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only"]
+GRID = [round(0.05 * k, 2) for k in range(1, 15)]  # --grid: 0.05, 0.1, ..., 0.7 (issue 11's continuum)
 DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
 
@@ -56,7 +57,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         if method in a.methods:
             record(method, SPARSITIES + NM)
     if "dedicated" in a.methods:
-        record("dedicated", DEDICATED + NM[:1])  # the dedicated N:M run trains on 2:4 masks
+        record("dedicated", DEDICATED + NM)  # a dedicated N:M run trains on N:M masks
     if "epts-nm" in a.methods:  # not the paper's recipe: the group of 0.5 also trained on 2:4 masks
         nm_cfg = dataclasses.replace(cfg, nm_train=NM[0])
         clock = epts.Stopwatch(device)
@@ -66,7 +67,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
             out["methods"].setdefault("epts-nm", {})[str(row["sparsity"])] = row
             print(f"{os.path.basename(path)} {'epts-nm':>12} {row['sparsity']:>5}: " +
                   " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()), flush=True)
-    if not {"epts", "epts-owl"} & set(a.methods):
+    if not {"epts", "epts-owl", "mask-only"} & set(a.methods):
         return out
     clock = epts.Stopwatch(device)
     state = epts.optimize(model, windows, cfg, device, path, verbose=False)
@@ -74,8 +75,13 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     out["epts_blocks"] = [{"low_group_enabled": r.low_group_enabled, "low_check": r.low_check,
                            "seconds": r.seconds, "loss_first_epoch": r.loss_history[0],
                            "loss_last_epoch": r.loss_history[-1]} for r in state.reports]
+    grid = [s for s in GRID if s not in SPARSITIES] if a.grid else []
     if "epts" in a.methods:
-        record("epts", SPARSITIES + NM, state=state)
+        record("epts", SPARSITIES + NM + grid, state=state)
+    if "mask-only" in a.methods:  # the masks EPTS deploys (Wanda scores of the dense stream), no adapters
+        bare = dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})
+        for row in epts.sweep(model, "epts", SPARSITIES + grid, dense, evaluate, state=bare, device=device):
+            out["methods"].setdefault("mask-only", {})[str(row["sparsity"])] = row
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
     if "epts-owl" in a.methods:
@@ -128,6 +134,14 @@ def write_markdown(results: dict, path: str) -> None:
         for e in evals[:1]:
             L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-nm"],
                            ["0.5"] + NM) + [""]
+        if "mask-only" in res["methods"]:
+            grid = sorted(res["methods"]["mask-only"], key=float)
+            L += ["The continuum (`--grid`): the elastic model vs. `mask-only` (the masks EPTS deploys -- Wanda scores "
+                  "of the dense stream -- with no adapters), by sparsity:", ""]
+            for e in evals[:1]:
+                L += fmt_table(res, e, ["epts", "mask-only"], grid) + [""]
+            if name == next(iter(results["models"])):  # one figure holds every model
+                L += ["![ppl / dense against s](elasticity.png)", ""]
         L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block sparsities clamped "
               "to the trained range [0, 0.7] for EPTS:", ""]
         for e in evals[:1]:
@@ -170,6 +184,40 @@ def write_markdown(results: dict, path: str) -> None:
         f.write("\n".join(L) + "\n")
 
 
+def plot_elasticity(results: dict, path: str) -> None:
+    """ppl / dense against s for the elastic model, its masks alone, and the one-run-per-sparsity baselines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    fig, axes = plt.subplots(1, len(results["models"]), figsize=(5.5 * len(results["models"]), 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results["models"].items()):
+        m = res["methods"]
+        e0 = next(iter(m["dense"]["0.0"]["ppl"]))
+        dense = m["dense"]["0.0"]["ppl"][e0]
+        for method, style, label in [("epts", "o-", "EPTS (paper recipe, one run)"),
+                                     ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
+                                     ("wanda", "^:", "Wanda (one run per s)"), ("sparsegpt", "v:", "SparseGPT (one run per s)"),
+                                     ("dedicated", "D", "dedicated (one run per s)")]:
+            labels = sorted((lab for lab in m.get(method, {}) if ":" not in lab), key=float)
+            ax.plot([float(lab) for lab in labels], [m[method][lab]["ppl"][e0] / dense for lab in labels], style,
+                    label=label, ms=4)
+        for lo, hi in [(0, .4), (.45, .5), (.55, .6), (.65, .7)]:
+            ax.axvspan(lo, hi, color="grey", alpha=0.07)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_yticks([1, 1.1, 1.25, 1.5, 2, 3, 5, 7])
+        ax.set_ylim(0.97, None)
+        ax.set_xlabel("sparsity s (shaded: groups 0, 2, 4, 6)")
+        ax.set_ylabel("perplexity / dense (log scale)")
+        ax.set_title(f"{name}: {e0}, dense {dense:.2f}")
+        ax.grid(alpha=.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", required=True)
@@ -182,6 +230,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__))))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
                    help="re-run only these; their entries replace those in the --out results.json")
+    p.add_argument("--grid", action="store_true", help="also evaluate epts and mask-only at 0.05, 0.1, ..., 0.7")
     p.add_argument("--from", dest="previous", help="results.json to update with --methods (default: --out's)")
     a = p.parse_args()
     device = epts.pick_device("auto")
@@ -217,6 +266,8 @@ def write_all(results: dict, a: argparse.Namespace, device: torch.device, t0: fl
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_markdown(results, os.path.join(a.out, "RESULTS.md"))
+    if any("mask-only" in r["methods"] for r in results["models"].values()):
+        plot_elasticity(results, os.path.join(a.out, "elasticity.png"))
 
 
 if __name__ == "__main__":
