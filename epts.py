@@ -1744,6 +1744,9 @@ def run(args: argparse.Namespace) -> dict:
         export(args, model, tokenizer, dense, how)
     if tokens:
         evaluate_and_report(args, model, tokens, seqlen, dense, schedule_file, how, result)
+    if args.json_out:  # also without --eval: the optimization's seconds and the low-group flags
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
     return result
 
 
@@ -1760,7 +1763,7 @@ def load_eval_tokens(args: argparse.Namespace, tokenizer, seqlen: int) -> dict[s
 def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict[str, torch.Tensor], seqlen: int,
                         dense: dict[str, torch.Tensor], schedule_file: list[float] | None, how: dict,
                         result: dict) -> None:
-    """Dense perplexity, then the method at every sparsity; each table row printed when ready; --json-out."""
+    """Dense perplexity, then the method at every sparsity; each table row printed when it is ready."""
     def evaluate(sparsity: float) -> dict[str, float]:
         model.to(how["device"])
         ppl = {e: perplexity(model, t, seqlen, how["device"], args.eval_batch_size, not args.quiet,
@@ -1779,9 +1782,6 @@ def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict
     for row in sweep(model, args.method, targets, dense, evaluate, schedule, **how):
         result["results"].append(row)
         print(table_row(row, list(tokens)), flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -871,6 +871,13 @@ def test_checkpoints_are_named_after_the_output_and_never_taken_over(tiny_dir, t
     assert code == 0 and not checkpoint.exists() and (tmp_path / "a.safetensors").exists()
 
 
+def test_json_out_is_written_without_evaluation_too(tiny_dir, tmp_path):
+    out = tmp_path / "r.json"
+    assert run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--eval", "none", "--json-out", out))[0] == 0
+    res = json.loads(out.read_text())
+    assert res["results"] == [] and res["optimize_seconds"] > 0 and len(res["low_group_enabled"]) == 2
+
+
 def test_resume_with_nothing_to_resume_says_so(tiny_dir, tmp_path):
     code, _, err = run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--sparsities", "0.5", "--save",
                                 tmp_path / "a.safetensors", "--resume"))
