@@ -43,12 +43,14 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     def evaluate(sparsity: float = 0.0) -> dict[str, float]:
         return {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()}
 
-    def record(method: str, targets, schedule=None, **how) -> None:
-        """The shared method x sparsity loop (epts.sweep); one results.json entry per sparsity, labelled str(s)."""
+    def record(method: str, targets, schedule=None, label: str | None = None, **how) -> None:
+        """The shared method x sparsity loop (epts.sweep); one results.json entry per sparsity, labelled str(s),
+        under `label` (default: the method, "-owl" appended with a schedule)."""
+        label = label or (method if schedule is None else f"{method}-owl")
         for row in epts.sweep(model, method, targets, dense, evaluate, schedule, windows=windows, cfg=cfg,
                               device=device, base_model=path, **how):
-            out["methods"].setdefault(method if schedule is None else f"{method}-owl", {})[str(row["sparsity"])] = row
-            print(f"{os.path.basename(path)} {method:>12} {row['sparsity']:>5}: " +
+            out["methods"].setdefault(label, {})[str(row["sparsity"])] = row
+            print(f"{os.path.basename(path)} {label:>12} {row['sparsity']:>5}: " +
                   " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()) +
                   f"  achieved {row['achieved_sparsity']:.4f}  {row['seconds']:.1f}s", flush=True)
 
@@ -63,10 +65,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         clock = epts.Stopwatch(device)
         nm_state = epts.optimize(model, windows, nm_cfg, device, path, verbose=False)
         out["epts_nm_optimize_seconds"] = clock.lap()
-        for row in epts.sweep(model, "epts", SPARSITIES + NM, dense, evaluate, state=nm_state, device=device):
-            out["methods"].setdefault("epts-nm", {})[str(row["sparsity"])] = row
-            print(f"{os.path.basename(path)} {'epts-nm':>12} {row['sparsity']:>5}: " +
-                  " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()), flush=True)
+        record("epts", SPARSITIES + NM, label="epts-nm", state=nm_state)
     if not {"epts", "epts-owl", "mask-only"} & set(a.methods):
         return out
     clock = epts.Stopwatch(device)
@@ -80,8 +79,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         record("epts", SPARSITIES + NM + grid, state=state)
     if "mask-only" in a.methods:  # the masks EPTS deploys (Wanda scores of the dense stream), no adapters
         bare = dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})
-        for row in epts.sweep(model, "epts", SPARSITIES + grid, dense, evaluate, state=bare, device=device):
-            out["methods"].setdefault("mask-only", {})[str(row["sparsity"])] = row
+        record("epts", SPARSITIES + grid, label="mask-only", state=bare)
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
     if "epts-owl" in a.methods:
