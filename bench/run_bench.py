@@ -79,7 +79,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         record("epts", SPARSITIES + NM + grid, state=state)
     if "mask-only" in a.methods:  # the masks EPTS deploys (Wanda scores of the dense stream), no adapters
         bare = dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})
-        record("epts", SPARSITIES + grid, label="mask-only", state=bare)
+        record("epts", SPARSITIES + NM + grid, label="mask-only", state=bare)
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
     if "epts-owl" in a.methods:
