@@ -116,8 +116,8 @@ def write_markdown(results: dict, path: str) -> None:
          "to papers' raw-release numbers.", ""]
     for r in results.get("reruns", []):
         L += [f"Re-run later for {', '.join(r['methods'])} ({r.get('env', {}).get('gpu', '?')}, "
-              f"{r.get('env', {}).get('wall_seconds', 0):.0f} s), replacing those entries:", "", "```",
-              r["command"], "```", ""]
+              f"{r.get('env', {}).get('wall_seconds', 0):.0f} s), replacing those entries"
+              + (f" ({r['note']})" if r.get("note") else "") + ":", "", "```", r["command"], "```", ""]
     labels = [str(s) for s in SPARSITIES]
     for name, res in results["models"].items():
         L += [f"## {name}", ""]
@@ -133,7 +133,7 @@ def write_markdown(results: dict, path: str) -> None:
             L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-nm"],
                            ["0.5"] + NM) + [""]
         if "mask-only" in res["methods"]:
-            grid = sorted(res["methods"]["mask-only"], key=float)
+            grid = sorted((lab for lab in res["methods"]["mask-only"] if ":" not in lab), key=float)
             L += ["The continuum (`--grid`): the elastic model vs. `mask-only` (the masks EPTS deploys -- Wanda scores "
                   "of the dense stream -- with no adapters), by sparsity:", ""]
             for e in evals[:1]:
