@@ -51,9 +51,8 @@ class EPTSError(Exception):
 
 # The seven sparsity groups (lo, hi]: group 0 covers the easy low sparsities, the others are narrow because the
 # reconstruction gets hard quickly above 40%. A sparsity of exactly 0 means "dense".
-GROUPS: tuple[tuple[float, float], ...] = (
-    (0.00, 0.40), (0.40, 0.45), (0.45, 0.50), (0.50, 0.55), (0.55, 0.60), (0.60, 0.65), (0.65, 0.70),
-)
+GROUPS: tuple[tuple[float, float], ...] = ((0.00, 0.40), (0.40, 0.45), (0.45, 0.50), (0.50, 0.55), (0.55, 0.60),
+                                           (0.60, 0.65), (0.65, 0.70))
 # MSFM weights w_k (Eq. 4): high-sparsity outputs drift furthest from the dense stream, so they weigh more.
 MIXER_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2)
 
