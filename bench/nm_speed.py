@@ -564,13 +564,15 @@ def to_sparse24(model: nn.Module, tokens: int = 16384) -> dict:
     {"<block>.<name>": record}. This is what makes a whole block faster than dense in the table of
     bench/RESULTS.md; the plain to_sparse_semi_structured swap returns strided outputs and is slower."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    names, records, made = epts.arch_of(model)[1], {}, {}
+    names, records, made, probes = epts.arch_of(model)[1], {}, {}, {}
     for i, block in enumerate(epts.decoder_blocks(model)):
         for n in names:
             lin = block.get_submodule(n)
             if not check_24(lin.weight.detach())["ok"]:
                 raise ValueError(f"{i}.{n} is not 2:4 sparse: export the model with --export-sparsity 2:4")
-            probe = torch.randn(tokens, lin.in_features, device=device, dtype=dtype)
+            if lin.in_features not in probes:  # one probe input per input size
+                probes[lin.in_features] = torch.randn(tokens, lin.in_features, device=device, dtype=dtype)
+            probe = probes[lin.in_features]
             if lin.weight.shape not in made:  # one search per shape
                 made[lin.weight.shape] = search_config(torch._cslt_compress(lin.weight.detach().contiguous()),
                                                        probe.t(), True)
