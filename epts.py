@@ -71,6 +71,23 @@ class EPTSConfig:
     seed: int = 0
     fixed_sparsity: float | str | None = None   # train at this one sparsity or N:M (dedicated baseline)
     nm_train: str | None = None                 # "N:M": also train the group of N/M on N:M masks (not in the paper)
+    # The tuned recipe (`recipe_config("tuned")`, not in the paper; RESULTS.md measures every switch alone):
+    group0_input: str = "mix"                   # "dense": group 0's Phase-1 slice sees X_dense, the stream it serves
+    stop_chain_grad: bool = False               # groups >= 1 use sg(B_0 A_0): B_0 learns from group 0's loss only
+    group0_ramp: bool = False                   # B_0 A_0 scaled by s / hi_0 inside group 0 (group0_gain)
+    low_gain: str = "check"                     # "fit": a fitted gain in [0, 1] (fit_low_gain), not on/off
+    recipe: str = "paper"
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tuned": dict(group0_input="dense", stop_chain_grad=True, group0_ramp=True, low_gain="fit", rank=32),
+}
+
+
+def recipe_config(recipe: str = "paper", **overrides) -> EPTSConfig:
+    """The config of a named recipe: "paper" (the defaults) or "tuned"; keyword arguments override fields."""
+    return EPTSConfig(**{**RECIPES[recipe], "recipe": recipe, **overrides})
 
 
 # 1. Architecture map: which modules are the decoder blocks, which linears get pruned --------------------------
@@ -169,6 +186,19 @@ def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torc
 NO_ADAPTER = -1  # a "group" index meaning: the mask alone, no adapter (dense s = 0, or a switched-off group 0)
 
 
+def group0_gain(sparsity: torch.Tensor, group: torch.Tensor, top0: float, ramp: bool, fitted: float = 1.0
+                ) -> torch.Tensor | None:
+    """Tuned recipe: the scale of B_0 A_0 in the slices of group 0 (1 in every other group):
+
+        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's fitted gain (fit_low_gain)
+
+    The ramp lets the correction fade with the weights removed (s -> 0: the dense model). None: all 1 (paper)."""
+    if not ramp and fitted == 1.0:
+        return None
+    g = fitted * (sparsity / top0 if ramp else torch.ones_like(sparsity))
+    return torch.where(group == 0, g, torch.ones_like(g)).float()
+
+
 def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) -> int | None:
     """The group k with lo_k < s <= hi_k; None for s = 0 (dense); an error outside [0, hi_last]."""
     if not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
@@ -182,7 +212,8 @@ def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) ->
 
 
 def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                   sparsity: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+                   sparsity: torch.Tensor, group: torch.Tensor, gain0: torch.Tensor | None = None,
+                   stop0: bool = False) -> torch.Tensor:
     """Eq. 2 for G (sparsity, group) pairs at once -> [G, out, in]:
 
         W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g)      (group_g = NO_ADAPTER: W * M(sparsity_g))
@@ -190,10 +221,17 @@ def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B
     weight [out, in], ranks [out, in] or [G, out, in], A [K, r, in], B [K, out, r], sparsity [G], group [G].
     The sum over j <= k is the inheritance chain: a group reuses the adapters of every lower group and adds its
     own; one matmul [B_0 .. B_k] @ [A_0; ..; A_k] (B with the columns of groups j > k zeroed). Masking the delta
-    keeps W_g exactly as sparse as M(s)."""
+    keeps W_g exactly as sparse as M(s). Tuned recipe only: gain0 [G] scales B_0 A_0 per slice (group0_gain);
+    stop0 lets slices of groups >= 1 see sg(B_0)."""
     K, out_f, r = B.shape
-    in_chain = torch.arange(K, device=group.device).view(1, 1, K, 1) <= group.view(-1, 1, 1, 1)  # [G,1,K,1]
-    B_chain = (B.permute(1, 0, 2).unsqueeze(0) * in_chain).reshape(-1, out_f, K * r)          # [G,out,K*r]
+    j = torch.arange(K, device=group.device).view(1, 1, K, 1)
+    in_chain = j <= group.view(-1, 1, 1, 1)                                                  # [G,1,K,1]
+    if gain0 is not None:
+        in_chain = in_chain * torch.where(j == 0, gain0.view(-1, 1, 1, 1).to(B.dtype), 1.0)
+    B_k = B.permute(1, 0, 2).unsqueeze(0)                                                    # [1,out,K,r]
+    if stop0:
+        B_k = torch.where((j == 0) & (group.view(-1, 1, 1, 1) > 0), B_k.detach(), B_k)
+    B_chain = (B_k * in_chain).reshape(-1, out_f, K * r)                                     # [G,out,K*r]
     delta = B_chain @ A.reshape(K * r, -1)                                                   # [G,out,in]
     return (weight.unsqueeze(0) + delta) * mask_from_ranks(ranks, sparsity)
 
@@ -218,15 +256,18 @@ class HiLoRALinear(nn.Module):
         self.A = nn.Parameter(A.to(base.weight.device))
         self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=base.weight.device))  # B = 0: no-op at init
         self.nm_ranks: torch.Tensor | None = None
+        self.stop0 = False  # tuned recipe: groups >= 1 see sg(B_0)
         self.route(torch.zeros(1, dtype=torch.float64, device=base.weight.device),
                    torch.full((1,), NO_ADAPTER, dtype=torch.long, device=base.weight.device))
 
-    def route(self, sparsity: torch.Tensor, group: torch.Tensor, nm: torch.Tensor | None = None) -> None:
-        self.sparsity, self.group, self.nm = sparsity, group, nm
+    def route(self, sparsity: torch.Tensor, group: torch.Tensor, nm: torch.Tensor | None = None,
+              gain0: torch.Tensor | None = None) -> None:
+        self.sparsity, self.group, self.nm, self.gain0 = sparsity, group, nm, gain0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ranks = self.ranks if self.nm is None else torch.where(self.nm.view(-1, 1, 1), self.nm_ranks, self.ranks)
-        W = elastic_weight(self.base.weight, ranks, self.A, self.B, self.sparsity, self.group)
+        W = elastic_weight(self.base.weight, ranks, self.A, self.B, self.sparsity, self.group, self.gain0,
+                           self.stop0 and torch.is_grad_enabled())
         G, (out_f, in_f) = W.shape[0], self.base.weight.shape
         y = torch.bmm(x.reshape(G, -1, in_f), W.transpose(1, 2))  # slice g of the batch times W_g^T
         if self.base.bias is not None:
@@ -244,6 +285,7 @@ def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch
         layers[n] = HiLoRALinear(base, ranks_for(scores, cfg.fixed_sparsity), len(cfg.groups), cfg.rank, generator)
         if cfg.nm_train is not None:  # ranks of the N:M masks, for the extra Phase-1 slice
             layers[n].nm_ranks = nm_ranks(scores, pattern(cfg.nm_train)[1])
+        layers[n].stop0 = cfg.stop_chain_grad
         swap_module(block, n, layers[n])
     return layers
 
@@ -336,21 +378,25 @@ def block_forward(block: nn.Module, X: torch.Tensor, kwargs: dict, chunk: int) -
 
 def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
                    sparsity: torch.Tensor, group: torch.Tensor, reference: bool = False,
-                   nm: torch.Tensor | None = None) -> torch.Tensor:
+                   nm: torch.Tensor | None = None, gain0: torch.Tensor | None = None,
+                   x0: torch.Tensor | None = None) -> torch.Tensor:
     """O_g = f(x; W_{s_g}) for G (sparsity, group) pairs -> [G, *x.shape]: x repeated G times along the batch,
     one block call, slice g multiplied by W_g in every HiLoRALinear. Attention, norms and activations act per
-    sample, so this equals G separate forwards -- the plain loop that `reference=True` runs."""
+    sample, so this equals G separate forwards -- the plain loop that `reference=True` runs. x0: slice 0's own
+    input (tuned recipe: group 0 on X_dense)."""
+    G, pick = len(group), (lambda t, g: None if t is None else t[g:g + 1])
+    xs = [x0 if g == 0 and x0 is not None else x for g in range(G)]
     if reference:
         outs = []
-        for g in range(len(group)):
+        for g in range(G):
             for layer in layers.values():
-                layer.route(sparsity[g:g + 1], group[g:g + 1], None if nm is None else nm[g:g + 1])
-            outs.append(call_block(block, x, kwargs))
+                layer.route(sparsity[g:g + 1], group[g:g + 1], pick(nm, g), pick(gain0, g))
+            outs.append(call_block(block, xs[g], kwargs))
         return torch.stack(outs)
     for layer in layers.values():
-        layer.route(sparsity, group, nm)
-    G = len(group)
-    return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
+        layer.route(sparsity, group, nm, gain0)
+    return call_block(block, torch.cat(xs) if x0 is not None else x.repeat(G, *([1] * (x.dim() - 1))),
+                      kwargs).view(G, *x.shape)
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
@@ -442,34 +488,35 @@ def cosine_lr(step: int, total: int, base: float) -> float:
 
 def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
                  kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, runtime: Runtime | None = None,
-                 block_index: int = 0, progress: tqdm | None = None) -> list[list[float]]:
+                 block_index: int = 0, progress: tqdm | None = None, X_dense: torch.Tensor | None = None
+                 ) -> list[list[float]]:
     """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
     Every step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses
-    and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch.
-    """
+    and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch."""
     rt, device, bs = runtime or Runtime(), X_mix.device, cfg.batch_size
+    streams = [X_mix, Y] + ([X_dense] if cfg.group0_input == "dense" else [])  # X_dense: tuned recipe only
     batches = in_chunks(X_mix, bs)
     total = cfg.epochs * len(batches)
     groups, draws, nm = phase1_slices(cfg, total, generator, device)  # s_k for every step, drawn up front
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+    opt = torch.optim.Adam([p for l in layers.values() for p in (l.A, l.B)], lr=cfg.lr, fused=device.type == "cuda")
 
-    def step(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+    def step(s: torch.Tensor, lr: float | torch.Tensor, x: torch.Tensor, y: torch.Tensor, x0=None) -> torch.Tensor:
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
+        gain0 = group0_gain(s, groups, cfg.groups[0][1], cfg.group0_ramp)  # None in the paper's recipe
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt.amp and device.type == "cuda"):
             loss, per_group = phase1_objective(forward_groups(block, layers, x, kwargs, s, groups,
-                                                              rt.reference_loop, nm), y)
+                                                              rt.reference_loop, nm, gain0, x0), y)
         loss.backward()
         opt.step()
         return per_group
 
-    step = maybe_cuda_graph(step, opt, rt, X_mix, Y, draws, bs)  # same step, recorded once (harness)
+    step = maybe_cuda_graph(step, opt, rt, streams, draws, bs)  # same step, recorded once (harness)
     history = []
     for epoch in range(cfg.epochs):
         epoch_loss = torch.zeros(len(groups), device=device)
         for t, batch in enumerate(batches, start=epoch * len(batches)):
-            epoch_loss += step(X_mix[batch], Y[batch], draws[t], cosine_lr(t, total, cfg.lr))
+            epoch_loss += step(draws[t], cosine_lr(t, total, cfg.lr), *(S[batch] for S in streams))
             show_progress(progress, 1)
         history.append(finite_losses(epoch_loss / len(batches), block_index, epoch))  # one host sync per epoch
         show_progress(progress, 0, block=block_index, epoch=epoch, loss=f"{sum(history[-1]):.4g}")
@@ -493,20 +540,46 @@ def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: 
 
 
 @torch.no_grad()
+def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
+                 kwargs: dict, cfg: EPTSConfig, chunk: int = 8, gammas: int = 5, points: int = 4
+                 ) -> tuple[float, dict[str, list[float]]]:
+    """Tuned recipe, in place of the on/off check: the block's gain gamma on B_0 A_0 in group 0 (group0_gain),
+
+        gamma = argmin_{gamma in {0, 1/4, .., 1}}  sum_s  l(f(X_dense; W_s(gamma)), Y) / l(f(X_dense; W * M(s)), Y)
+
+    over s = hi_0/4, 2 hi_0/4, .., hi_0 (relative losses, so low sparsities count as much as high ones);
+    gamma = 0 is the mask alone, so the block's fitted loss is never above the mask's."""
+    dev, top0 = X_dense.device, cfg.groups[0][1]
+    s = torch.arange(1, points + 1, dtype=torch.float64, device=dev) * top0 / points
+    group = torch.zeros(points, dtype=torch.long, device=dev)
+    loss = torch.zeros(gammas, points, dtype=torch.float64, device=dev)
+    for i, gamma in enumerate(torch.linspace(0, 1, gammas).tolist()):
+        gain0 = group0_gain(s, group, top0, cfg.group0_ramp, gamma) if gamma < 1 or cfg.group0_ramp else None
+        for sl in in_chunks(X_dense, chunk):
+            out = forward_groups(block, layers, X_dense[sl], kwargs, s, group, gain0=gain0)
+            loss[i] += recon_loss(out, Y[sl].unsqueeze(0)).double() * len(out[0])
+    relative = (loss / loss[:1]).sum(1)
+    best = int(relative.argmin())
+    return best / (gammas - 1), {"relative_loss": relative.tolist(), "mask_only": (loss[0] / len(X_dense)).tolist()}
+
+
+@torch.no_grad()
 def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, kwargs: dict,
-               cfg: EPTSConfig, generator: torch.Generator, low_group_enabled: bool, chunk: int = 8
-               ) -> tuple[torch.Tensor, list[float]]:
+               cfg: EPTSConfig, generator: torch.Generator, low_group_enabled: bool, chunk: int = 8,
+               low_gain: float = 1.0) -> tuple[torch.Tensor, list[float]]:
     """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4).
 
-    Group 0 runs with the mask only when the check switched its adapter off: that is what deploy will use.
+    Group 0 runs with the mask only when the check switched its adapter off (with its gain in the tuned
+    recipe): that is what deploy will use.
     """
     s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(X_mix.device)
     group = torch.arange(len(cfg.groups), device=X_mix.device)
     if not low_group_enabled:
         group[0] = NO_ADAPTER
+    gain0 = group0_gain(s, group, cfg.groups[0][1], cfg.group0_ramp, low_gain)
     mixed = torch.empty_like(X_mix)
     for sl in in_chunks(X_mix, chunk):
-        outputs = forward_groups(block, layers, X_mix[sl], kwargs, s, group)
+        outputs = forward_groups(block, layers, X_mix[sl], kwargs, s, group, gain0=gain0)
         mixed[sl] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
     return mixed, s.tolist()
 
@@ -517,7 +590,8 @@ class BlockReport:
 
     loss_history: list[list[float]] = field(default_factory=list)  # per epoch, mean Phase-1 loss per group
     low_group_enabled: bool = True
-    low_check: dict[str, float] = field(default_factory=dict)      # l at s=0.3: with / without adapter
+    low_check: dict[str, Any] = field(default_factory=dict)        # l at s=0.3: with / without adapter
+    low_gain: float = 1.0                                          # tuned recipe: the fitted gain on B_0 A_0
     mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
     seconds: dict[str, float] = field(default_factory=dict)        # wall time of each stage
 
@@ -534,6 +608,7 @@ class ElasticState:
     base_model: str = ""
     fingerprint: dict = field(default_factory=dict)
     base_dtype: str = ""  # dtype of the base weights during optimize: masks are ranked on these values
+    group0_ramp: bool = False  # tuned recipe: B_0 A_0 scaled by s / hi_0 inside group 0
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     reports: list[BlockReport] = field(default_factory=list)
@@ -559,13 +634,17 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
     layers = attach_hilora(block, names, norms, cfg, generator)
     try:
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, rt, block_index,
-                                           progress)
+                                           progress, X_dense)
         report.seconds["phase1"] = clock.lap()
-        report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg,
-                                                                     rt.infer_chunk)
+        if cfg.low_gain == "fit":
+            report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt.infer_chunk)
+            report.low_group_enabled = report.low_gain > 0
+        else:
+            report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg,
+                                                                         rt.infer_chunk)
         report.seconds["low_check"] = clock.lap()
         X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
-                                                  report.low_group_enabled, rt.infer_chunk)
+                                                  report.low_group_enabled, rt.infer_chunk, report.low_gain)
         report.seconds["phase2"] = clock.lap()
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
@@ -589,7 +668,8 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     X_dense, kwargs = capture_block_inputs(model, windows, device)
     X_mix = X_dense.clone()  # block 0: both streams are the embeddings' output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, fingerprint=fingerprint(model), base_dtype=weight_dtype(model))
+                         base_model=base_model, fingerprint=fingerprint(model), base_dtype=weight_dtype(model),
+                         group0_ramp=cfg.group0_ramp)
     start = 0
     if resume and checkpoint and os.path.isfile(checkpoint):
         state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, windows, base_model)
@@ -641,8 +721,9 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
                 k = NO_ADAPTER
             A, B = (t.to(W.device) for t in state.adapters[key])
             ranks = ranks_for(wanda_scores(W, state.act_norms[key].to(W.device)), per_block[i])
-            W = elastic_weight(W, ranks, A, B, torch.tensor([s], dtype=torch.float64, device=W.device),
-                               torch.tensor([k], device=W.device))[0]
+            s_k = torch.tensor([s], dtype=torch.float64, device=W.device), torch.tensor([k], device=W.device)
+            gain0 = group0_gain(*s_k, state.groups[0][1], state.group0_ramp, state.reports[i].low_gain)
+            W = elastic_weight(W, ranks, A, B, *s_k, gain0)[0]
         lin.weight.copy_(W.to(lin.weight.dtype))
     return model
 
@@ -666,6 +747,9 @@ def validate_config(cfg: EPTSConfig) -> None:
         raise EPTSError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.nm_train is not None:
         group_of(pattern(cfg.nm_train)[0], cfg.groups)  # N/M must lie in a trained group
+    if cfg.group0_input not in ("mix", "dense") or cfg.low_gain not in ("check", "fit"):
+        raise EPTSError(f"group0_input must be 'mix' or 'dense' and low_gain 'check' or 'fit', got "
+                        f"{cfg.group0_input!r}, {cfg.low_gain!r}")
     (lo, hi), low = cfg.groups[0], cfg.low_check_sparsity
     if low is not None and not lo < low <= hi:
         raise EPTSError(f"the low-group check sparsity {low} must lie in group 0 = ({lo}, {hi}]")
@@ -779,37 +863,38 @@ class Runtime:
     infer_chunk: int = 8         # samples per no-grad forward (targets, check, Phase 2); results do not depend on it
 
 
-def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, X: torch.Tensor,
-                     Y: torch.Tensor, draws: torch.Tensor, batch_size: int) -> Callable:
-    """Record the Phase-1 `step(x, y, s, lr)` once as a CUDA graph and return a function that replays it.
+def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, streams: Sequence[torch.Tensor],
+                     draws: torch.Tensor, batch_size: int) -> Callable:
+    """Record the Phase-1 `step(s, lr, *batch of every stream)` once as a CUDA graph; return a replay function.
 
     Speed only: a step launches hundreds of small kernels, a replay launches one graph. The graph reads its
     inputs from fixed buffers, so Adam must be capturable and its lr a tensor. The warm-up that CUDA graphs
     need runs the step at lr 0 (no weight moves) and then resets Adam's moments and step counter, so training
     is unchanged. On the CPU, with the reference loop, or with a smaller last batch the step runs eagerly.
     """
+    X = streams[0]
     if not (runtime.cuda_graph and X.device.type == "cuda" and not runtime.reference_loop
             and len(X) % batch_size == 0):
         return step
-    x, y, s = X[:batch_size].clone(), Y[:batch_size].clone(), draws[0].clone()
+    batch, s = [S[:batch_size].clone() for S in streams], draws[0].clone()
     lr = torch.zeros((), device=X.device)
     for group in opt.param_groups:
         group["capturable"] = True
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step(x, y, s, lr)
+        step(s, lr, *batch)
         for moments in opt.state.values():
             for v in moments.values():
                 v.zero_()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        per_group = step(x, y, s, lr)
+        per_group = step(s, lr, *batch)
 
-    def replay(x_new: torch.Tensor, y_new: torch.Tensor, s_new: torch.Tensor, lr_new: float) -> torch.Tensor:
-        x.copy_(x_new)
-        y.copy_(y_new)
+    def replay(s_new: torch.Tensor, lr_new: float, *batch_new: torch.Tensor) -> torch.Tensor:
+        for buffer, new in zip(batch, batch_new):
+            buffer.copy_(new)
         s.copy_(s_new)
         lr.fill_(lr_new)
         graph.replay()
@@ -998,8 +1083,9 @@ def dedicated_config(cfg: EPTSConfig, sparsity: float | str) -> EPTSConfig:
     k = group_of(pattern(sparsity)[0], cfg.groups)
     if k is None:
         raise EPTSError("a dedicated run needs a sparsity > 0")
+    paper = {f: getattr(EPTSConfig(), f) for f in RECIPES["tuned"] if f != "rank"}  # group-0 switches off
     return replace(cfg, groups=((0.0, pattern(sparsity)[0]),), mixer=(1.0,), rank=cfg.rank * (k + 1),
-                   low_check_sparsity=None, fixed_sparsity=sparsity, nm_train=None)
+                   low_check_sparsity=None, fixed_sparsity=sparsity, nm_train=None, **paper)
 
 
 @torch.no_grad()
@@ -1147,13 +1233,15 @@ def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> d
 def _state_header(state: ElasticState) -> dict:
     return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
             "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
-            "base_dtype": state.base_dtype, "reports": [asdict(r) for r in state.reports]}
+            "base_dtype": state.base_dtype, "group0_ramp": state.group0_ramp,
+            "reports": [asdict(r) for r in state.reports]}
 
 
 def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
     state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
                          base_model=header["base_model"], fingerprint=header["fingerprint"],
-                         base_dtype=header.get("base_dtype", ""), reports=[BlockReport(**r) for r in header["reports"]])
+                         base_dtype=header.get("base_dtype", ""), group0_ramp=header.get("group0_ramp", False),
+                         reports=[BlockReport(**r) for r in header["reports"]])
     for name in tensors:
         if name.endswith(".act_norm"):
             key = name[: -len(".act_norm")]
@@ -1426,7 +1514,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "window (perplexity depends on it); default min(2048, max_position_embeddings)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of Phase 1 per block")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate, cosine-annealed to 0")
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank of every adapter pair (B_k, A_k)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=d.recipe, help="paper (the authors') or tuned "
+                   "(group 0 trained alone on the dense stream, ramped and fitted gain, rank 32; see README)")
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
+                        f"{RECIPES['tuned']['rank']} with --recipe tuned)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
     p.add_argument("--pattern", default="unstructured", type=pattern_arg,
@@ -1502,8 +1594,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
     low = EPTSConfig().low_check_sparsity
     if not groups[0][0] < low <= groups[0][1]:  # other --groups: the paper's 0.3 is 3/4 of group 0 = (0, 0.4]
         low = 0.75 * groups[0][1]
-    cfg = EPTSConfig(groups=groups, mixer=tuple(args.mixer), rank=args.rank, epochs=args.epochs, lr=args.lr,
-                     batch_size=args.batch_size, seed=args.seed, low_check_sparsity=low, nm_train=args.nm_train)
+    rank = {} if args.rank is None else {"rank": args.rank}
+    cfg = recipe_config(args.recipe, groups=groups, mixer=tuple(args.mixer), epochs=args.epochs, lr=args.lr,
+                        batch_size=args.batch_size, seed=args.seed, low_check_sparsity=low, nm_train=args.nm_train,
+                        **rank)
     validate_config(cfg)
     for flag, value, least in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
                                ("--eval-batch-size", args.eval_batch_size, 1), ("--eval-tokens", args.eval_tokens, 2)):
@@ -1729,7 +1823,8 @@ def run(args: argparse.Namespace) -> dict:
     tokens = load_eval_tokens(args, tokenizer, seqlen)  # before any optimization: a bad --eval fails now
     config = {**vars(args), "seqlen": seqlen}
     if state is not None:  # what the loaded artifact was made with, not what the command line says
-        config.update(groups=[hi for _, hi in state.groups], mixer=state.mixer, rank=state.rank)
+        config.update(groups=[hi for _, hi in state.groups], mixer=state.mixer, rank=state.rank,
+                      recipe="tuned" if state.group0_ramp else "paper")
     result = {"model": args.model, "method": args.method, "config": config, "dense": {}, "results": [],
               "optimize_seconds": 0.0}
     if args.method == "epts" and state is None:

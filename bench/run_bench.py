@@ -25,7 +25,8 @@ import epts  # noqa: E402
 
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
 NM = ["2:4", "4:8"]  # N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
-METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only",
+           "epts-tuned"]
 GRID = [round(0.05 * k, 2) for k in range(1, 15)]  # --grid: 0.05, 0.1, ..., 0.7 (issue 11's continuum)
 DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
@@ -66,6 +67,17 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         nm_state = epts.optimize(model, windows, nm_cfg, device, path, verbose=False)
         out["epts_nm_optimize_seconds"] = clock.lap()
         record("epts", SPARSITIES + NM, label="epts-nm", state=nm_state)
+    if "epts-tuned" in a.methods:  # issue 11's recipe (not the paper's): epts.recipe_config("tuned")
+        variants = {"epts-tuned": {}, **{f"epts-tuned-{k}": v for k, v in json.loads(a.tuned_variants).items()}}
+        for label, overrides in variants.items():
+            clock = epts.Stopwatch(device)
+            tuned = epts.optimize(model, windows, epts.recipe_config("tuned", epochs=a.epochs, seed=a.seed,
+                                                                     **overrides), device, path, verbose=False)
+            out[f"{label}_optimize_seconds".replace("-", "_")] = clock.lap()
+            out[f"{label}_gains".replace("-", "_")] = [r.low_gain if r.low_group_enabled else 0.0
+                                                       for r in tuned.reports]
+            record("epts", SPARSITIES + NM + ([s for s in GRID if s not in SPARSITIES] if a.grid else []),
+                   label=label, state=tuned)
     if not {"epts", "epts-owl", "mask-only"} & set(a.methods):
         return out
     clock = epts.Stopwatch(device)
@@ -226,6 +238,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    p.add_argument("--tuned-variants", default="{}", help="JSON name -> EPTSConfig fields: more epts-tuned-<name> runs")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
                    help="re-run only these; their entries replace those in the --out results.json")
     p.add_argument("--grid", action="store_true", help="also evaluate epts and mask-only at 0.05, 0.1, ..., 0.7")

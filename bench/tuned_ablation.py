@@ -1,0 +1,81 @@
+"""Issue 11 ablation: every switch of the tuned recipe alone and together, on the stand-ins.
+
+    python bench/tuned_ablation.py --models .cache/models/opt-mini .cache/models/llama-mini \
+        --calib .cache/data/calib.txt --eval .cache/data/wikitext2/test.txt --out bench/tuned_ablation.json
+
+One elastic run per variant (bench settings: 128 x 1024 calibration tokens, 10 epochs, seed 0), each deployed at
+the points of --sparsities; `mask-only` is the paper run's masks without adapters. Prints one row per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import epts  # noqa: E402
+
+VARIANTS = {  # name -> EPTSConfig fields on top of the paper's recipe
+    "paper": {},
+    "dense0": dict(group0_input="dense"),
+    "stop0": dict(stop_chain_grad=True),
+    "ramp": dict(group0_ramp=True),
+    "fit": dict(low_gain="fit"),
+    "tuned": epts.RECIPES["tuned"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--extra", default="{}", help="JSON: name -> fields, more variants")
+    p.add_argument("--sparsities", type=float, nargs="+",
+                   default=[0.05, 0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7])
+    p.add_argument("--out", default="bench/tuned_ablation.json")
+    a = p.parse_args()
+    variants = {**VARIANTS, **json.loads(a.extra)}
+    names = a.variants + [n for n in json.loads(a.extra) if n not in a.variants]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = json.load(open(a.out)) if os.path.isfile(a.out) else {}
+    for path in a.models:
+        model, tok = epts.load_model(path, "float32", device, verbose=False)
+        model.to(device)
+        windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
+        tokens = epts.eval_tokens(tok, a.eval, a.seqlen)
+        dense = epts.snapshot_linears(model)
+        res = results.setdefault(os.path.basename(path), {})
+        for name in names:
+            cfg = epts.EPTSConfig(epochs=a.epochs, **variants[name])
+            clock = epts.Stopwatch(device)
+            state = epts.optimize(model, windows, cfg, device, path, verbose=False)
+            seconds = clock.lap()
+            runs = [(name, state)]
+            if name == "paper":
+                runs.append(("mask-only", dataclasses.replace(
+                    state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})))
+            for label, st in runs:
+                ppl = {}
+                for s in a.sparsities:
+                    epts.deploy(model, st, s, dense)
+                    ppl[f"{s:g}"] = epts.perplexity(model, tokens, a.seqlen, device, 8)
+                epts.restore_dense(model, dense)
+                res[label] = {"ppl": ppl, "seconds": seconds, "config": variants.get(label, {}),
+                              "low_gain": [r.low_gain if r.low_group_enabled else 0.0 for r in st.reports]}
+                print(f"{os.path.basename(path):>10} {label:>10} {seconds:6.1f}s " +
+                      " ".join(f"{k}:{v:.2f}" for k, v in ppl.items()) +
+                      f"  gains {[round(g, 2) for g in res[label]['low_gain']]}", flush=True)
+            json.dump(results, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
