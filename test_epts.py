@@ -295,6 +295,120 @@ def test_low_group_check_drops_an_adapter_that_hurts_and_keeps_one_that_helps(wi
     assert keep and losses["with_adapter"] < losses["mask_only"]
 
 
+# ---------------------------------------------------------------------------------------------- the tuned recipe
+
+def test_tuned_recipe_is_named_switches_on_top_of_the_paper_defaults():
+    paper, tuned = epts.recipe_config("paper"), epts.recipe_config("tuned", epochs=3)
+    assert paper == epts.EPTSConfig()                                  # the default stays the paper's recipe
+    assert (tuned.group0_input, tuned.stop_chain_grad, tuned.group0_ramp, tuned.low_gain, tuned.rank, tuned.epochs,
+            tuned.recipe) == ("dense", True, True, "fit", 32, 3, "tuned")
+    assert epts.dedicated_config(tuned, 0.5).group0_ramp is False      # a dedicated run stays the plain baseline
+    cfg, _ = epts.configs_from_args(epts.parse_args(["--model", "m", "--recipe", "tuned"]))
+    assert cfg == epts.recipe_config("tuned")
+    assert epts.configs_from_args(epts.parse_args(["--model", "m", "--recipe", "tuned", "--rank", "4"]))[0].rank == 4
+
+
+def test_group0_gain_ramps_with_s_inside_group_0_only():
+    """g(s) = gamma * s / hi_0 for slices of group 0, 1 for every other group; None (= 1) in the paper's recipe."""
+    s = torch.tensor([0.1, 0.4, 0.45, 0.7], dtype=torch.float64)
+    group = torch.tensor([0, 0, 1, 6])
+    torch.testing.assert_close(epts.group0_gain(s, group, 0.4, True, 0.5), torch.tensor([0.125, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(epts.group0_gain(s, group, 0.4, False, 0.5), torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    assert epts.group0_gain(s, group, 0.4, False) is None
+    # in Eq. 2 the gain scales B_0 A_0 only: group 1 at gain 0 for its slice-0 neighbour is the plain chain
+    W, ranks = torch.randn(6, 8), epts.row_ranks(torch.rand(6, 8))
+    A, B = torch.randn(2, 2, 8), torch.randn(2, 6, 2)
+    sp, grp = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0, 1])
+    got = epts.elastic_weight(W, ranks, A, B, sp, grp, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(got[0], W * epts.mask_from_ranks(ranks, 0.2))           # gain 0: the mask alone
+    torch.testing.assert_close(got[1], epts.elastic_weight(W, ranks, A, B, sp, grp)[1])
+
+
+def test_stop_chain_grad_lets_b0_learn_from_group_0_only(windows):
+    """With stop0 a loss of groups >= 1 sends no gradient to B_0 (and group 0's loss still does)."""
+    W, ranks = torch.randn(6, 8), epts.row_ranks(torch.rand(6, 8))
+    A, B = torch.randn(3, 2, 8), torch.randn(3, 6, 2, requires_grad=True)
+    sp = torch.tensor([0.2, 0.42, 0.48], dtype=torch.float64)
+    for stop0, expect_b0 in ((True, False), (False, True)):
+        B.grad = None
+        epts.elastic_weight(W, ranks, A, B, sp[1:], torch.tensor([1, 2]), stop0=stop0).sum().backward()
+        assert bool(B.grad[0].abs().sum() > 0) is expect_b0 and B.grad[1].abs().sum() > 0
+    B.grad = None
+    epts.elastic_weight(W, ranks, A, B, sp[:1], torch.tensor([0]), stop0=True).sum().backward()
+    assert B.grad[0].abs().sum() > 0
+
+
+def test_group_0_on_the_dense_stream_feeds_slice_0_its_own_input(windows):
+    model = tiny_model("opt")
+    X, kwargs, _ = block0_io(model, windows)
+    block, layers, _ = hilora_block(model, X, kwargs)
+    X_mix = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(2))
+    s, g = torch.tensor([0.3, 0.5, 0.6], dtype=torch.float64), torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        both = epts.forward_groups(block, layers, X_mix, kwargs, s, g, x0=X)
+        ref = epts.forward_groups(block, layers, X_mix, kwargs, s, g, reference=True, x0=X)
+        torch.testing.assert_close(both, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[0], epts.forward_groups(block, layers, X, kwargs, s[:1], g[:1])[0])
+        torch.testing.assert_close(both[1:], epts.forward_groups(block, layers, X_mix, kwargs, s[1:], g[1:]))
+
+
+def test_fitted_gain_is_0_for_an_adapter_that_only_hurts_and_deploys_the_mask_alone(windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, _ = hilora_block(model, X, kwargs)
+    cfg = epts.recipe_config("tuned", rank=4)
+    for layer in layers.values():  # a large random group-0 adapter: it can only make the block worse
+        layer.B.data[0].normal_(0, 1.0)
+    gamma, info = epts.fit_low_gain(block, layers, X, Y, kwargs, cfg)
+    assert gamma == 0.0 and min(info["relative_loss"]) == info["relative_loss"][0] == pytest.approx(4.0)
+    # deploy then writes exactly the mask-only weights W * M(s) everywhere in group 0
+    names = epts.arch_of(model)[1]
+    adapters = {n: (l.A.detach().clone(), l.B.detach().clone()) for n, l in layers.items()}
+    epts.detach_hilora(block, layers)
+    _, norms = epts.dense_targets_and_norms(block, names, X, kwargs, chunk=2)
+    state = epts.ElasticState(groups=list(cfg.groups), mixer=list(cfg.mixer), rank=4, group0_ramp=True,
+                              reports=[epts.BlockReport(low_group_enabled=True, low_gain=gamma)] * 2)  # the gain path
+    for i in range(2):  # block 1 reuses block 0's adapters and norms: only the shapes matter to deploy
+        state.adapters.update({f"{i}.{n}": a for n, a in adapters.items()})
+        state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
+    dense = epts.snapshot_linears(model)
+    for s in (0.05, 0.2, 0.4):
+        epts.deploy(model, state, s, dense)
+        for key, lin in epts.pruned_linears(model).items():
+            ranks = epts.row_ranks(epts.wanda_scores(dense[key], state.act_norms[key]))
+            assert torch.equal(lin.weight, dense[key] * epts.mask_from_ranks(ranks, s))
+    epts.restore_dense(model, dense)
+
+
+def test_fitted_gain_keeps_an_adapter_trained_for_group_0(windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, _ = hilora_block(model, X, kwargs)
+    only_low = epts.recipe_config("tuned", groups=((0.0, 0.4),), mixer=(1.0,), rank=4, epochs=30, lr=5e-3,
+                                  batch_size=2)
+    epts.phase1_train(block, layers, X, Y, kwargs, only_low, torch.Generator().manual_seed(0), X_dense=X)
+    gamma, info = epts.fit_low_gain(block, layers, X, Y, kwargs, only_low)
+    assert gamma > 0 and min(info["relative_loss"]) < info["relative_loss"][0]
+
+
+def test_tuned_recipe_end_to_end_saves_loads_and_deploys_the_same_weights(tmp_path):
+    model = tiny_model("llama")
+    windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    state = epts.optimize(model, windows, epts.recipe_config("tuned", rank=2, epochs=2, batch_size=2), verbose=False)
+    assert state.group0_ramp and all(0.0 <= r.low_gain <= 1.0 for r in state.reports)
+    epts.save_elastic(state, str(tmp_path / "t.safetensors"))
+    loaded = epts.load_elastic(str(tmp_path / "t.safetensors"))
+    assert loaded.group0_ramp and [r.low_gain for r in loaded.reports] == [r.low_gain for r in state.reports]
+    dense = epts.snapshot_linears(model)
+    for s in (0.1, 0.35, 0.6):
+        epts.deploy(model, state, s, dense)
+        a = {k: v.weight.clone() for k, v in epts.pruned_linears(model).items()}
+        epts.deploy(model, loaded, s, dense)
+        assert all(torch.equal(a[k], v.weight) for k, v in epts.pruned_linears(model).items())
+        assert epts.measured_sparsity(model) > 0
+    epts.restore_dense(model, dense)
+
+
 @pytest.mark.parametrize("keep_low", [True, False])
 def test_optimize_block_hands_two_streams_to_the_next_block(keep_low, windows, monkeypatch):
     """next X_dense = f(X_dense; W); next X_mix = sum_k w_k f(X_mix; W_{s_k}), group 0 with the mask only when
