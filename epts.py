@@ -359,9 +359,14 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     return torch.cat(hidden), _to(kwargs, device, dtype)
 
 
+def device_of(block: nn.Module) -> torch.device:
+    """Where the block computes; its streams may live elsewhere (host memory, Runtime.low_memory)."""
+    return next(block.parameters()).device
+
+
 def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Call a decoder block with captured kwargs; older transformers return a tuple, 5.x a tensor."""
-    out = block(x, **kwargs)
+    """Call a decoder block with captured kwargs on its device; older transformers return a tuple, 5.x a tensor."""
+    out = block(x.to(device_of(block), non_blocking=True), **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -373,7 +378,7 @@ def in_chunks(X: torch.Tensor, chunk: int) -> list[slice]:
 @torch.no_grad()
 def block_forward(block: nn.Module, X: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:
     """f(X) for every sample of a stream, `chunk` samples at a time."""
-    return torch.cat([call_block(block, X[sl], kwargs) for sl in in_chunks(X, chunk)])
+    return torch.cat([call_block(block, X[sl], kwargs).to(X.device) for sl in in_chunks(X, chunk)])
 
 
 def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
@@ -384,8 +389,8 @@ def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.T
     one block call, slice g multiplied by W_g in every HiLoRALinear. Attention, norms and activations act per
     sample, so this equals G separate forwards -- the plain loop that `reference=True` runs. x0: slice 0's own
     input (tuned recipe: group 0 on X_dense)."""
-    G, pick = len(group), (lambda t, g: None if t is None else t[g:g + 1])
-    xs = [x0 if g == 0 and x0 is not None else x for g in range(G)]
+    G, pick, dev = len(group), (lambda t, g: None if t is None else t[g:g + 1]), device_of(block)
+    xs = [(x0 if g == 0 and x0 is not None else x).to(dev, non_blocking=True) for g in range(G)]
     if reference:
         outs = []
         for g in range(G):
@@ -493,7 +498,7 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
     """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
     Every step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses
     and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch."""
-    rt, device, bs = runtime or Runtime(), X_mix.device, cfg.batch_size
+    rt, device, bs = runtime or Runtime(), device_of(block), cfg.batch_size
     streams = [X_mix, Y] + ([X_dense] if cfg.group0_input == "dense" else [])  # X_dense: tuned recipe only
     batches = in_chunks(X_mix, bs)
     total = cfg.epochs * len(batches)
@@ -505,9 +510,13 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
         opt.zero_grad(set_to_none=True)
         gain0 = group0_gain(s, groups, cfg.groups[0][1], cfg.group0_ramp)  # None in the paper's recipe
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt.amp and device.type == "cuda"):
-            loss, per_group = phase1_objective(forward_groups(block, layers, x, kwargs, s, groups,
-                                                              rt.reference_loop, nm, gain0, x0), y)
-        loss.backward()
+            if rt.low_memory:  # the same gradient of Eq. 3, one group at a time (harness)
+                per_group = backward_by_group(block, layers, x, y, kwargs, s, groups, nm, gain0, x0)
+            else:
+                loss, per_group = phase1_objective(forward_groups(block, layers, x, kwargs, s, groups,
+                                                                  rt.reference_loop, nm, gain0, x0), y)
+        if not rt.low_memory:
+            loss.backward()
         opt.step()
         return per_group
 
@@ -516,7 +525,7 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
     for epoch in range(cfg.epochs):
         epoch_loss = torch.zeros(len(groups), device=device)
         for t, batch in enumerate(batches, start=epoch * len(batches)):
-            epoch_loss += step(draws[t], cosine_lr(t, total, cfg.lr), *(S[batch] for S in streams))
+            epoch_loss += step(draws[t], cosine_lr(t, total, cfg.lr), *(S[batch].to(device) for S in streams))
             show_progress(progress, 1)
         history.append(finite_losses(epoch_loss / len(batches), block_index, epoch))  # one host sync per epoch
         show_progress(progress, 0, block=block_index, epoch=epoch, loss=f"{sum(history[-1]):.4g}")
@@ -529,12 +538,12 @@ def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: 
     """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
     if cfg.low_check_sparsity is None:
         return True, {}
-    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=X_dense.device)
-    group = torch.tensor([0, NO_ADAPTER], device=X_dense.device)  # with the group-0 adapter / mask only
-    loss = torch.zeros(2, device=X_dense.device, dtype=torch.float64)
+    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=(dev := device_of(block)))
+    group = torch.tensor([0, NO_ADAPTER], device=dev)  # with the group-0 adapter / mask only
+    loss = torch.zeros(2, device=dev, dtype=torch.float64)
     for sl in in_chunks(X_dense, chunk):
         out = forward_groups(block, layers, X_dense[sl], kwargs, s, group)
-        loss += recon_loss(out, Y[sl].unsqueeze(0)).double() * len(out[0])  # recon_loss is a mean over samples
+        loss += recon_loss(out, Y[sl].to(dev).unsqueeze(0)).double() * len(out[0])  # a mean over samples
     with_adapter, mask_only = (loss / len(X_dense)).tolist()
     return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
 
@@ -549,7 +558,7 @@ def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: tor
 
     over s = hi_0/4, 2 hi_0/4, .., hi_0 (relative losses, so low sparsities count as much as high ones);
     gamma = 0 is the mask alone, so the block's fitted loss is never above the mask's."""
-    dev, top0 = X_dense.device, cfg.groups[0][1]
+    dev, top0 = device_of(block), cfg.groups[0][1]
     s = torch.arange(1, points + 1, dtype=torch.float64, device=dev) * top0 / points
     group = torch.zeros(points, dtype=torch.long, device=dev)
     loss = torch.zeros(gammas, points, dtype=torch.float64, device=dev)
@@ -557,7 +566,7 @@ def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: tor
         gain0 = group0_gain(s, group, top0, cfg.group0_ramp, gamma) if gamma < 1 or cfg.group0_ramp else None
         for sl in in_chunks(X_dense, chunk):
             out = forward_groups(block, layers, X_dense[sl], kwargs, s, group, gain0=gain0)
-            loss[i] += recon_loss(out, Y[sl].unsqueeze(0)).double() * len(out[0])
+            loss[i] += recon_loss(out, Y[sl].to(dev).unsqueeze(0)).double() * len(out[0])
     relative = (loss / loss[:1]).sum(1)
     best = int(relative.argmin())
     return best / (gammas - 1), {"relative_loss": relative.tolist(), "mask_only": (loss[0] / len(X_dense)).tolist()}
@@ -572,8 +581,8 @@ def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.T
     Group 0 runs with the mask only when the check switched its adapter off (with its gain in the tuned
     recipe): that is what deploy will use.
     """
-    s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(X_mix.device)
-    group = torch.arange(len(cfg.groups), device=X_mix.device)
+    s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(device_of(block))
+    group = torch.arange(len(cfg.groups), device=s.device)
     if not low_group_enabled:
         group[0] = NO_ADAPTER
     gain0 = group0_gain(s, group, cfg.groups[0][1], cfg.group0_ramp, low_gain)
@@ -666,14 +675,15 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     _, names = arch_of(model)
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
-    X_mix = X_dense.clone()  # block 0: both streams are the embeddings' output
+    X_dense = stream_home(X_dense, runtime)  # host memory with Runtime.low_memory (harness)
+    X_mix = stream_home(X_dense.clone(), runtime)  # block 0: both streams are the embeddings' output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
                          base_model=base_model, fingerprint=fingerprint(model), base_dtype=weight_dtype(model),
                          group0_ramp=cfg.group0_ramp)
     start = 0
     if resume and checkpoint and os.path.isfile(checkpoint):
         state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, windows, base_model)
-        X_dense, X_mix = X_dense.to(device), X_mix.to(device)
+        X_dense, X_mix = stream_home(X_dense.to(device), runtime), stream_home(X_mix.to(device), runtime)
     steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
     with tqdm(total=steps * len(decoder_blocks(model)), initial=steps * start, desc="EPTS", unit="step",
               disable=not verbose) as progress:
@@ -861,6 +871,37 @@ class Runtime:
     cuda_graph: bool = True      # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
     reference_loop: bool = False  # one forward per group (a plain loop) instead of all groups in one batch
     infer_chunk: int = 8         # samples per no-grad forward (targets, check, Phase 2); results do not depend on it
+    low_memory: bool = False     # streams in (pinned) host memory, Phase 1 one group at a time: 7B in 24 GB
+
+
+def stream_home(X: torch.Tensor, runtime: Runtime | None) -> torch.Tensor:
+    """Where a stream (X_dense, X_mix, targets) lives: on the compute device, or in pinned host memory with
+    Runtime.low_memory, moved to the device a batch or chunk at a time (the same numbers, less device memory)."""
+    if not (runtime and runtime.low_memory):
+        return X
+    X = X.cpu()
+    return X.pin_memory() if torch.cuda.is_available() else X
+
+
+def backward_by_group(block: nn.Module, layers: dict, x: torch.Tensor, y: torch.Tensor, kwargs: dict,
+                      s: torch.Tensor, groups: torch.Tensor, nm: torch.Tensor | None, gain0: torch.Tensor | None,
+                      x0: torch.Tensor | None) -> torch.Tensor:
+    """Runtime.low_memory's Phase-1 backward: the gradient of Eq. 3 accumulated one group at a time -- the same
+    sum as phase1_objective over all groups (O_0 is computed first and guides the others detached), with one
+    group's activations and masked weights in memory instead of K. Returns the per-group losses."""
+    def run(g: int) -> torch.Tensor:
+        pick = (lambda t: None if t is None else t[g:g + 1])
+        return forward_groups(block, layers, x0 if g == 0 and x0 is not None else x, kwargs, s[g:g + 1],
+                              groups[g:g + 1], False, pick(nm), pick(gain0))
+    O_0 = run(0)
+    loss, per_group = phase1_objective(O_0, y)
+    loss.backward()
+    losses, guide = [per_group[0]], O_0.detach()
+    for g in range(1, len(groups)):
+        loss, per_group = phase1_objective(torch.cat([guide, run(g)]), y)  # L_0 of the detached guide: no grad
+        loss.backward()
+        losses.append(per_group[1])
+    return torch.stack(losses)
 
 
 def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, streams: Sequence[torch.Tensor],
@@ -872,12 +913,11 @@ def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtim
     need runs the step at lr 0 (no weight moves) and then resets Adam's moments and step counter, so training
     is unchanged. On the CPU, with the reference loop, or with a smaller last batch the step runs eagerly.
     """
-    X = streams[0]
-    if not (runtime.cuda_graph and X.device.type == "cuda" and not runtime.reference_loop
-            and len(X) % batch_size == 0):
+    if not (runtime.cuda_graph and draws.device.type == "cuda" and not runtime.reference_loop
+            and len(streams[0]) % batch_size == 0):
         return step
-    batch, s = [S[:batch_size].clone() for S in streams], draws[0].clone()
-    lr = torch.zeros((), device=X.device)
+    batch, s = [S[:batch_size].to(draws.device, copy=True) for S in streams], draws[0].clone()
+    lr = torch.zeros((), device=draws.device)
     for group in opt.param_groups:
         group["capturable"] = True
     side = torch.cuda.Stream()
@@ -1500,6 +1540,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The flags of Runtime: how the method runs, never what it computes."""
+    p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
+    p.add_argument("--low-memory", action="store_true", help="keep the calibration streams in host memory and run "
+                   "Phase 1 one group at a time: a 7B model in 24 GB of GPU memory, slower (same math)")
+    p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = EPTSConfig()  # the method's defaults are written once, in EPTSConfig
     p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].",
@@ -1532,9 +1581,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="the model's dtype (auto: fp32 on CPU, the checkpoint's on GPU); blocks optimize in fp32")
-    p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
-    p.add_argument("--reference-loop", action="store_true", help="one forward per group instead of batched")
-    p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
+    add_runtime_args(p)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and of every draw")
     p.add_argument("--nm-train", type=nm_arg, default=None, metavar="N:M",
                    help="not in the paper: train the group holding N/M also on N:M masks (one more Phase-1 slice, "
@@ -1603,7 +1650,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
                                ("--eval-batch-size", args.eval_batch_size, 1), ("--eval-tokens", args.eval_tokens, 2)):
         if value is not None and value < least:
             raise EPTSError(f"{flag} must be at least {least}, got {value}")
-    return cfg, Runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop)
+    return cfg, Runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop,
+                        low_memory=args.low_memory)
 
 
 def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, float]],

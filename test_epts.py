@@ -499,6 +499,22 @@ def test_fast_path_equals_reference_loop_with_an_uneven_last_batch(monkeypatch):
     assert any(B.abs().max() > 0 for _, B in states[0].adapters.values())
 
 
+@pytest.mark.parametrize("recipe", ["paper", "tuned"])
+def test_low_memory_mode_gives_the_same_adapters_and_streams(recipe):
+    """Runtime.low_memory (streams in host memory, Phase 1 one group at a time) sums the same gradient of Eq. 3."""
+    model = tiny_model("opt")
+    windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(3))
+    cfg = epts.recipe_config(recipe, rank=2, epochs=2, batch_size=2, lr=5e-3)
+    plain = epts.optimize(model, windows, cfg, verbose=False)
+    low = epts.optimize(model, windows, cfg, verbose=False, runtime=epts.Runtime(low_memory=True))
+    for key, (A, B) in plain.adapters.items():
+        torch.testing.assert_close(low.adapters[key][0], A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(low.adapters[key][1], B, rtol=1e-4, atol=1e-6)
+    assert [r.low_group_enabled for r in low.reports] == [r.low_group_enabled for r in plain.reports]
+    for a, b in zip(low.reports, plain.reports):
+        assert sum(a.loss_history, []) == pytest.approx(sum(b.loss_history, []), rel=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_step_equals_the_eager_step():
     """The CUDA graph only replays the same step: adapters after training match eager steps (bf16 tolerance)."""
@@ -863,7 +879,7 @@ def test_epts_py_reads_method_first_then_harness():
     length = {n.name: n.end_lineno - n.lineno + 1 + len(n.decorator_list) for n in ast.walk(tree)
               if isinstance(n, ast.FunctionDef)}
     assert max(length.values()) <= 60, max(length.items(), key=lambda kv: kv[1])
-    assert length["phase1_train"] <= 35
+    assert length["phase1_train"] <= 40  # 35 for the paper; + the tuned input and low-memory branch
     method = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno < banner}
     assert {"wanda_scores", "elastic_weight", "phase1_objective", "mix_features", "phase1_train",
             "low_group_check", "phase2_mix", "optimize_block", "optimize", "deploy"} <= method

@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--out", default="e2e.json")
+    p.add_argument("--low-memory", action="store_true", help="pass --low-memory to the CLI")
     a = p.parse_args()
     shape = TINY if a.shape == "tiny" else SHAPES[a.shape]
     if a.shape == "tiny":
@@ -82,7 +83,7 @@ def main() -> None:
     argv = ["--model", model_dir, "--calib", a.calib, "--eval", a.eval, "--eval-tokens", str(a.eval_tokens),
             "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--epochs", str(a.epochs),
             "--sparsities", str(a.sparsity), "--export-sparsity", str(a.sparsity), "--export-dir", export_dir,
-            "--json-out", os.path.join(a.workdir, "cli.json"), "--quiet"]
+            "--json-out", os.path.join(a.workdir, "cli.json"), "--quiet"] + (["--low-memory"] if a.low_memory else [])
     res["cli_argv"] = argv
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

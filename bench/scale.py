@@ -64,6 +64,15 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     state = epts.optimize(model, windows, cfg, device, verbose=False)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    low = {}
+    if not a.no_low_memory:  # Runtime.low_memory: streams in pinned host memory, Phase 1 one group at a time
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        low_state = epts.optimize(model, windows, cfg, device, verbose=False, runtime=epts.Runtime(low_memory=True))
+        low = {"wall_seconds_measured": time.perf_counter() - t0,
+               "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan"),
+               "reports": low_state.reports}
     ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, verbose=False)
     names = epts.arch_of(model)[1]
     head_dim = shape["hidden"] // shape["heads"]
@@ -90,9 +99,17 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
         "streams_and_targets_gib": 3 * stream_gib,  # X_dense, X_mix and the targets Y
         "projected_block_seconds_10_epochs": block_time(state.reports),
         "projected_total_hours_10_epochs": shape["layers"] * block_time(state.reports) / 3600,
+        "projected_one_dedicated_hours_10_epochs": shape["layers"] * block_time(ded.reports) / 3600,
         "projected_five_dedicated_hours_10_epochs": 5 * shape["layers"] * block_time(ded.reports) / 3600,
+        "projected_seven_dedicated_hours_10_epochs": 7 * shape["layers"] * block_time(ded.reports) / 3600,
         "formula": "n_layers x (targets + phase1 x 10/epochs + low_check + phase2), per-block means",
     }
+    if low:
+        out["peak_gpu_gib_low_memory"] = low["peak_gpu_gib"]
+        out["per_block_seconds_measured_low_memory"] = {
+            k: sum(r.seconds.get(k, 0.0) for r in low["reports"]) / len(low["reports"])
+            for k in ("targets", "phase1", "low_check", "phase2", "total")}
+        out["projected_total_hours_10_epochs_low_memory"] = shape["layers"] * block_time(low["reports"]) / 3600
     print(f"{name}: {json.dumps(out, indent=1)}", flush=True)
     del model
     if device.type == "cuda":
@@ -108,6 +125,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny shapes and data: a smoke test of this script")
+    p.add_argument("--shapes", nargs="+", default=None, help="measure only these shapes")
+    p.add_argument("--no-low-memory", action="store_true", help="skip the Runtime(low_memory=True) measurement")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.json"))
     a = p.parse_args()
     if a.tiny:
@@ -118,6 +137,8 @@ def main() -> None:
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "command": "python " + " ".join(sys.argv)}, "models": {}}
     for name, shape in (TINY if a.tiny else SHAPES).items():
+        if a.shapes and name not in a.shapes:
+            continue
         res["models"][name] = measure(name, shape, a, device)
         with open(a.out, "w") as f:  # after every shape: a run cut short keeps what it finished
             json.dump(res, f, indent=1)
