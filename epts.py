@@ -359,11 +359,6 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     return torch.cat(hidden), _to(kwargs, device, dtype)
 
 
-def device_of(block: nn.Module) -> torch.device:
-    """Where the block computes; its streams may live elsewhere (host memory, Runtime.low_memory)."""
-    return next(block.parameters()).device
-
-
 def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Call a decoder block with captured kwargs on its device; older transformers return a tuple, 5.x a tensor."""
     out = block(x.to(device_of(block), non_blocking=True), **kwargs)
@@ -533,18 +528,27 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
 
 
 @torch.no_grad()
+def stream_loss(block: nn.Module, layers: dict[str, HiLoRALinear], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
+                sparsity: torch.Tensor, group: torch.Tensor, chunk: int, gain0: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """l(f(X; W_g), Y) over a whole stream for G (sparsity, group) pairs, `chunk` samples at a time -> float64 [G]."""
+    loss = torch.zeros(len(group), dtype=torch.float64, device=sparsity.device)
+    for sl in in_chunks(X, chunk):
+        out = forward_groups(block, layers, X[sl], kwargs, sparsity, group, gain0=gain0)
+        loss += recon_loss(out, Y[sl].to(out.device).unsqueeze(0)).double() * len(out[0])  # a mean over samples
+    return loss / len(X)
+
+
+@torch.no_grad()
 def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
                     kwargs: dict, cfg: EPTSConfig, chunk: int = 8) -> tuple[bool, dict[str, float]]:
     """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
     if cfg.low_check_sparsity is None:
         return True, {}
-    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=(dev := device_of(block)))
+    dev = device_of(block)
+    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=dev)
     group = torch.tensor([0, NO_ADAPTER], device=dev)  # with the group-0 adapter / mask only
-    loss = torch.zeros(2, device=dev, dtype=torch.float64)
-    for sl in in_chunks(X_dense, chunk):
-        out = forward_groups(block, layers, X_dense[sl], kwargs, s, group)
-        loss += recon_loss(out, Y[sl].to(dev).unsqueeze(0)).double() * len(out[0])  # a mean over samples
-    with_adapter, mask_only = (loss / len(X_dense)).tolist()
+    with_adapter, mask_only = stream_loss(block, layers, X_dense, Y, kwargs, s, group, chunk).tolist()
     return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
 
 
@@ -561,15 +565,11 @@ def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: tor
     dev, top0 = device_of(block), cfg.groups[0][1]
     s = torch.arange(1, points + 1, dtype=torch.float64, device=dev) * top0 / points
     group = torch.zeros(points, dtype=torch.long, device=dev)
-    loss = torch.zeros(gammas, points, dtype=torch.float64, device=dev)
-    for i, gamma in enumerate(torch.linspace(0, 1, gammas).tolist()):
-        gain0 = group0_gain(s, group, top0, cfg.group0_ramp, gamma) if gamma < 1 or cfg.group0_ramp else None
-        for sl in in_chunks(X_dense, chunk):
-            out = forward_groups(block, layers, X_dense[sl], kwargs, s, group, gain0=gain0)
-            loss[i] += recon_loss(out, Y[sl].to(dev).unsqueeze(0)).double() * len(out[0])
+    loss = torch.stack([stream_loss(block, layers, X_dense, Y, kwargs, s, group, chunk,
+                                    group0_gain(s, group, top0, cfg.group0_ramp, gamma))
+                        for gamma in torch.linspace(0, 1, gammas).tolist()])  # [gammas, points]
     relative = (loss / loss[:1]).sum(1)
-    best = int(relative.argmin())
-    return best / (gammas - 1), {"relative_loss": relative.tolist(), "mask_only": (loss[0] / len(X_dense)).tolist()}
+    return int(relative.argmin()) / (gammas - 1), {"relative_loss": relative.tolist(), "mask_only": loss[0].tolist()}
 
 
 @torch.no_grad()
@@ -675,15 +675,15 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     _, names = arch_of(model)
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
-    X_dense = stream_home(X_dense, runtime)  # host memory with Runtime.low_memory (harness)
-    X_mix = stream_home(X_dense.clone(), runtime)  # block 0: both streams are the embeddings' output
+    X_dense = stream_home(X_dense, device, runtime)  # host memory with Runtime.low_memory (harness)
+    X_mix = stream_home(X_dense.clone(), device, runtime)  # block 0: both streams are the embeddings' output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
                          base_model=base_model, fingerprint=fingerprint(model), base_dtype=weight_dtype(model),
                          group0_ramp=cfg.group0_ramp)
     start = 0
     if resume and checkpoint and os.path.isfile(checkpoint):
         state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, windows, base_model)
-        X_dense, X_mix = stream_home(X_dense.to(device), runtime), stream_home(X_mix.to(device), runtime)
+        X_dense, X_mix = stream_home(X_dense, device, runtime), stream_home(X_mix, device, runtime)
     steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
     with tqdm(total=steps * len(decoder_blocks(model)), initial=steps * start, desc="EPTS", unit="step",
               disable=not verbose) as progress:
@@ -874,11 +874,16 @@ class Runtime:
     low_memory: bool = False     # streams in (pinned) host memory, Phase 1 one group at a time (7B: 25 vs 39 GiB)
 
 
-def stream_home(X: torch.Tensor, runtime: Runtime | None) -> torch.Tensor:
+def device_of(block: nn.Module) -> torch.device:
+    """Where the block computes; its streams may live elsewhere (host memory, Runtime.low_memory)."""
+    return next(block.parameters()).device
+
+
+def stream_home(X: torch.Tensor, device: torch.device, runtime: Runtime | None) -> torch.Tensor:
     """Where a stream (X_dense, X_mix, targets) lives: on the compute device, or in pinned host memory with
     Runtime.low_memory, moved to the device a batch or chunk at a time (the same numbers, less device memory)."""
     if not (runtime and runtime.low_memory):
-        return X
+        return X.to(device)
     X = X.cpu()
     return X.pin_memory() if torch.cuda.is_available() else X
 

@@ -33,6 +33,11 @@ DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
 
 
+def mask_only(state: epts.ElasticState) -> epts.ElasticState:
+    """The masks EPTS deploys (Wanda scores of the dense stream) with no adapters: every B set to 0."""
+    return dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})
+
+
 def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     model, tok = epts.load_model(path, "float32", device, verbose=False)
     model.to(device)  # small models: keep everything on the GPU (the loops still move one block at a time)
@@ -91,8 +96,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     if "epts" in a.methods:
         record("epts", SPARSITIES + NM + grid, state=state)
     if "mask-only" in a.methods:  # the masks EPTS deploys (Wanda scores of the dense stream), no adapters
-        bare = dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})
-        record("epts", SPARSITIES + NM + grid, label="mask-only", state=bare)
+        record("epts", SPARSITIES + NM + grid, label="mask-only", state=mask_only(state))
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
     if "epts-owl" in a.methods:

@@ -58,21 +58,19 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     model = build(shape, a.blocks, a.seqlen, device)
     windows = torch.randint(0, shape["vocab"], (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
     cfg = epts.EPTSConfig(epochs=a.epochs)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    state = epts.optimize(model, windows, cfg, device, verbose=False)
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    low = {}
-    if not a.no_low_memory:  # Runtime.low_memory: streams in pinned host memory, Phase 1 one group at a time
+
+    def timed(runtime: epts.Runtime | None = None) -> tuple[epts.ElasticState, float, float]:
+        """(state, wall seconds, peak GPU GiB) of one optimize with `runtime`."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        low_state = epts.optimize(model, windows, cfg, device, verbose=False, runtime=epts.Runtime(low_memory=True))
-        low = {"wall_seconds_measured": time.perf_counter() - t0,
-               "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan"),
-               "reports": low_state.reports}
+        state = epts.optimize(model, windows, cfg, device, verbose=False, runtime=runtime)
+        wall = time.perf_counter() - t0
+        return state, wall, torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+
+    state, wall, peak = timed()
+    # Runtime.low_memory: streams in pinned host memory, Phase 1 one group at a time
+    low = None if a.no_low_memory else timed(epts.Runtime(low_memory=True))
     ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, verbose=False)
     names = epts.arch_of(model)[1]
     head_dim = shape["hidden"] // shape["heads"]
@@ -84,8 +82,11 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
         per = [r.seconds["total"] + r.seconds["phase1"] * (scale - 1) for r in reports]
         return sum(per) / len(per)
 
-    mean = {k: sum(r.seconds.get(k, 0.0) for r in state.reports) / len(state.reports)
-            for k in ("targets", "phase1", "low_check", "phase2", "total")}
+    def per_stage(reports) -> dict[str, float]:
+        return {k: sum(r.seconds.get(k, 0.0) for r in reports) / len(reports)
+                for k in ("targets", "phase1", "low_check", "phase2", "total")}
+
+    mean = per_stage(state.reports)
     stream_gib = a.nsamples * a.seqlen * shape["hidden"] * 4 / 2 ** 30  # one fp32 stream
     out = {
         "shape": shape, "measured_blocks": a.blocks, "nsamples": a.nsamples, "seqlen": a.seqlen,
@@ -104,12 +105,10 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
         "projected_seven_dedicated_hours_10_epochs": 7 * shape["layers"] * block_time(ded.reports) / 3600,
         "formula": "n_layers x (targets + phase1 x 10/epochs + low_check + phase2), per-block means",
     }
-    if low:
-        out["peak_gpu_gib_low_memory"] = low["peak_gpu_gib"]
-        out["per_block_seconds_measured_low_memory"] = {
-            k: sum(r.seconds.get(k, 0.0) for r in low["reports"]) / len(low["reports"])
-            for k in ("targets", "phase1", "low_check", "phase2", "total")}
-        out["projected_total_hours_10_epochs_low_memory"] = shape["layers"] * block_time(low["reports"]) / 3600
+    if low is not None:
+        low_state, _, out["peak_gpu_gib_low_memory"] = low
+        out["per_block_seconds_measured_low_memory"] = per_stage(low_state.reports)
+        out["projected_total_hours_10_epochs_low_memory"] = shape["layers"] * block_time(low_state.reports) / 3600
     print(f"{name}: {json.dumps(out, indent=1)}", flush=True)
     del model
     if device.type == "cuda":

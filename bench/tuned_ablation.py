@@ -9,7 +9,6 @@ the points of --sparsities; `mask-only` is the paper run's masks without adapter
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
+from run_bench import mask_only  # noqa: E402
 
 VARIANTS = {  # name -> EPTSConfig fields on top of the paper's recipe
     "paper": {},
@@ -59,16 +59,11 @@ def main() -> None:
             clock = epts.Stopwatch(device)
             state = epts.optimize(model, windows, cfg, device, path, verbose=False)
             seconds = clock.lap()
-            runs = [(name, state)]
-            if name == "paper":
-                runs.append(("mask-only", dataclasses.replace(
-                    state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})))
+            runs = [(name, state)] + ([("mask-only", mask_only(state))] if name == "paper" else [])
             for label, st in runs:
-                ppl = {}
-                for s in a.sparsities:
-                    epts.deploy(model, st, s, dense)
-                    ppl[f"{s:g}"] = epts.perplexity(model, tokens, a.seqlen, device, 8)
-                epts.restore_dense(model, dense)
+                ppl = {f"{row['sparsity']:g}": row["ppl"] for row in epts.sweep(
+                    model, "epts", a.sparsities, dense, lambda s: epts.perplexity(model, tokens, a.seqlen, device, 8),
+                    state=st, device=device)}
                 res[label] = {"ppl": ppl, "seconds": seconds, "config": variants.get(label, {}),
                               "low_gain": [r.low_gain if r.low_group_enabled else 0.0 for r in st.reports]}
                 print(f"{os.path.basename(path):>10} {label:>10} {seconds:6.1f}s " +
