@@ -26,6 +26,7 @@ Test:  python -m pytest -q test_epts.py
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -233,7 +234,7 @@ def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B
         B_k = torch.where((j == 0) & (group.view(-1, 1, 1, 1) > 0), B_k.detach(), B_k)
     B_chain = (B_k * in_chain).reshape(-1, out_f, K * r)                                     # [G,out,K*r]
     delta = B_chain @ A.reshape(K * r, -1)                                                   # [G,out,in]
-    return (weight.unsqueeze(0) + delta) * mask_from_ranks(ranks, sparsity)
+    return masked_merge(weight, delta, ranks, sparsity)  # (W + delta) * mask_from_ranks(ranks, sparsity)
 
 
 class HiLoRALinear(nn.Module):
@@ -299,10 +300,8 @@ def detach_hilora(block: nn.Module, layers: dict[str, HiLoRALinear]) -> None:
 # 4. Objective (Eq. 3): block reconstruction, guided by the lowest-sparsity output -----------------------------
 
 def recon_loss(P: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """l(P, T) = ((P - T)^2).sum(over tokens).mean()  -- the authors' scale.
-
-    P, T: [..., batch, tokens, hidden]; the result keeps the leading dims (one loss per group when stacked).
-    """
+    """l(P, T) = ((P - T)^2).sum(over tokens).mean() -- the authors' scale. P, T: [..., batch, tokens, hidden];
+    the result keeps the leading dims (one loss per group when stacked)."""
     return (P.float() - T.float()).pow(2).sum(dim=-2).mean(dim=(-2, -1))
 
 
@@ -373,7 +372,10 @@ def in_chunks(X: torch.Tensor, chunk: int) -> list[slice]:
 @torch.no_grad()
 def block_forward(block: nn.Module, X: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:
     """f(X) for every sample of a stream, `chunk` samples at a time."""
-    return torch.cat([call_block(block, X[sl], kwargs).to(X.device) for sl in in_chunks(X, chunk)])
+    Y = empty_stream_like(X)  # where X lives: the device, or pinned host memory (harness)
+    for sl in in_chunks(X, chunk):
+        Y[sl] = call_block(block, X[sl], kwargs)
+    return Y
 
 
 def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
@@ -385,7 +387,8 @@ def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.T
     sample, so this equals G separate forwards -- the plain loop that `reference=True` runs. x0: slice 0's own
     input (tuned recipe: group 0 on X_dense)."""
     G, pick, dev = len(group), (lambda t, g: None if t is None else t[g:g + 1]), device_of(block)
-    xs = [(x0 if g == 0 and x0 is not None else x).to(dev, non_blocking=True) for g in range(G)]
+    x, x0 = (None if t is None else t.to(dev, non_blocking=True) for t in (x, x0))  # streams may be on the host
+    xs = [x0 if g == 0 and x0 is not None else x for g in range(G)]
     if reference:
         outs = []
         for g in range(G):
@@ -455,11 +458,8 @@ def uniform_draws(groups: Sequence[tuple[float, float]], generator: torch.Genera
 
 
 def draw_sparsities(cfg: EPTSConfig, steps: int, generator: torch.Generator, stratified: bool = True) -> torch.Tensor:
-    """s_k for `steps` steps and every group k -> float64 [steps, K].
-
-    Phase 1 draws stratified inside each group, Phase 2 one uniform draw per group; a dedicated run
-    (cfg.fixed_sparsity) always uses its one sparsity.
-    """
+    """s_k for `steps` steps and every group k -> float64 [steps, K]: Phase 1 draws stratified inside each group,
+    Phase 2 one uniform draw per group; a dedicated run (cfg.fixed_sparsity) always uses its one sparsity."""
     if cfg.fixed_sparsity is not None:
         return torch.full((steps, len(cfg.groups)), pattern(cfg.fixed_sparsity)[0], dtype=torch.float64)
     if stratified:
@@ -504,7 +504,7 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
         gain0 = group0_gain(s, groups, cfg.groups[0][1], cfg.group0_ramp)  # None in the paper's recipe
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt.amp and device.type == "cuda"):
+        with autocast(rt, device):  # bf16 matmuls on CUDA (harness)
             if rt.low_memory:  # the same gradient of Eq. 3, one group at a time (harness)
                 per_group = backward_by_group(block, layers, x, y, kwargs, s, groups, nm, gain0, x0)
             else:
@@ -545,9 +545,8 @@ def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: 
     """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
     if cfg.low_check_sparsity is None:
         return True, {}
-    dev = device_of(block)
-    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=dev)
-    group = torch.tensor([0, NO_ADAPTER], device=dev)  # with the group-0 adapter / mask only
+    s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=device_of(block))
+    group = torch.tensor([0, NO_ADAPTER], device=s.device)  # with the group-0 adapter / mask only
     with_adapter, mask_only = stream_loss(block, layers, X_dense, Y, kwargs, s, group, chunk).tolist()
     return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
 
@@ -586,7 +585,7 @@ def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.T
     if not low_group_enabled:
         group[0] = NO_ADAPTER
     gain0 = group0_gain(s, group, cfg.groups[0][1], cfg.group0_ramp, low_gain)
-    mixed = torch.empty_like(X_mix)
+    mixed = empty_stream_like(X_mix)
     for sl in in_chunks(X_mix, chunk):
         outputs = forward_groups(block, layers, X_mix[sl], kwargs, s, group, gain0=gain0)
         mixed[sl] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
@@ -645,15 +644,16 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, rt, block_index,
                                            progress, X_dense)
         report.seconds["phase1"] = clock.lap()
-        if cfg.low_gain == "fit":
-            report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt.infer_chunk)
-            report.low_group_enabled = report.low_gain > 0
-        else:
-            report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg,
-                                                                         rt.infer_chunk)
-        report.seconds["low_check"] = clock.lap()
-        X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
-                                                  report.low_group_enabled, rt.infer_chunk, report.low_gain)
+        with autocast(rt, device_of(block)):  # the elastic no-grad passes in Phase 1's precision (harness)
+            if cfg.low_gain == "fit":
+                report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt.infer_chunk)
+                report.low_group_enabled = report.low_gain > 0
+            else:
+                report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg,
+                                                                             rt.infer_chunk)
+            report.seconds["low_check"] = clock.lap()
+            X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
+                                                      report.low_group_enabled, rt.infer_chunk, report.low_gain)
         report.seconds["phase2"] = clock.lap()
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
@@ -867,11 +867,17 @@ def measured_sparsity(model: nn.Module) -> float:
 class Runtime:
     """How the method runs on the hardware; none of these is a hyper-parameter of EPTS."""
 
-    amp: bool = True             # bf16 autocast for the Phase-1 matmuls (CUDA only; fp32 on the CPU)
+    amp: bool = True             # bf16 autocast for the elastic passes, not the dense targets (CUDA; fp32 on CPU)
     cuda_graph: bool = True      # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
     reference_loop: bool = False  # one forward per group (a plain loop) instead of all groups in one batch
-    infer_chunk: int = 8         # samples per no-grad forward (targets, check, Phase 2); results do not depend on it
-    low_memory: bool = False     # streams in (pinned) host memory, Phase 1 one group at a time (7B: 25 vs 39 GiB)
+    infer_chunk: int = 8         # samples per no-grad forward (targets, check, Phase 2); 2 with --low-memory
+    low_memory: bool = False     # streams in (pinned) host memory, Phase 1 one group at a time
+
+
+def autocast(runtime: Runtime, device: torch.device) -> torch.autocast:
+    """bf16 autocast of the elastic passes (Phase 1, the low-group check, Phase 2) on CUDA with Runtime.amp; the
+    dense targets stay fp32, so the reference every block is fitted to is exact. A no-op on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.amp and device.type == "cuda")
 
 
 def device_of(block: nn.Module) -> torch.device:
@@ -886,6 +892,11 @@ def stream_home(X: torch.Tensor, device: torch.device, runtime: Runtime | None) 
         return X.to(device)
     X = X.cpu()
     return X.pin_memory() if torch.cuda.is_available() else X
+
+
+def empty_stream_like(X: torch.Tensor) -> torch.Tensor:
+    """An empty stream where X lives: on its device, or in pinned host memory if X is pinned (fast copies)."""
+    return torch.empty(X.shape, dtype=X.dtype, device=X.device, pin_memory=X.is_pinned())
 
 
 def backward_by_group(block: nn.Module, layers: dict, x: torch.Tensor, y: torch.Tensor, kwargs: dict,
@@ -907,6 +918,33 @@ def backward_by_group(block: nn.Module, layers: dict, x: torch.Tensor, y: torch.
         loss.backward()
         losses.append(per_group[1])
     return torch.stack(losses)
+
+
+def plain_merge(weight: torch.Tensor, delta: torch.Tensor, ranks: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """(W + delta) * M with M = ranks >= n (mask_from_ranks), in delta's dtype (bf16 under autocast, where the bmm
+    would round it anyway)."""
+    return ((weight + delta) * (ranks >= n)).to(delta.dtype)
+
+
+@functools.cache
+def fused_merge() -> Callable:
+    """plain_merge compiled once per process into one kernel for the forward and one for the backward."""
+    return torch.compile(plain_merge, dynamic=True)
+
+
+def masked_merge(weight: torch.Tensor, delta: torch.Tensor, ranks: torch.Tensor, sparsity: torch.Tensor
+                 ) -> torch.Tensor:
+    """The last step of Eq. 2 (elastic_weight): (W + delta) * M(s) for G stacked deltas [G, out, in].
+
+    Speed only: at 7B the ~8 eager memory passes over [G, out, in] of a Phase-1 step cost more than the block's
+    matmuls, so there (CUDA autocast, Runtime.amp) it runs fused. Same numbers: the sum is fp32, rounded once,
+    and * M is exact (the backward may sum in another order). The no-grad passes merge once per chunk: plain."""
+    from torch.utils._triton import has_triton  # torch.compile's GPU backend; without it, the plain expression
+    n = prune_count(sparsity, ranks.shape[-1]).view(-1, 1, 1)  # mask_from_ranks(ranks, sparsity) = ranks >= n
+    if delta.requires_grad and not weight.requires_grad and delta.is_cuda and torch.is_autocast_enabled() \
+            and has_triton():  # (a Parameter would be compiled for its one shape: pass a plain tensor)
+        return fused_merge()(weight.detach(), delta, ranks, n)
+    return plain_merge(weight, delta, ranks, n)
 
 
 def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, streams: Sequence[torch.Tensor],
@@ -1657,7 +1695,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
         if value is not None and value < least:
             raise EPTSError(f"{flag} must be at least {least}, got {value}")
     return cfg, Runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop,
-                        low_memory=args.low_memory)
+                        low_memory=args.low_memory, infer_chunk=2 if args.low_memory else Runtime.infer_chunk)
 
 
 def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, float]],

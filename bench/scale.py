@@ -70,7 +70,7 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
 
     state, wall, peak = timed()
     # Runtime.low_memory: streams in pinned host memory, Phase 1 one group at a time
-    low = None if a.no_low_memory else timed(epts.Runtime(low_memory=True))
+    low = None if a.no_low_memory else timed(epts.Runtime(low_memory=True, infer_chunk=2))  # as --low-memory
     ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, verbose=False)
     names = epts.arch_of(model)[1]
     head_dim = shape["hidden"] // shape["heads"]
