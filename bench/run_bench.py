@@ -133,7 +133,8 @@ def write_markdown(results: dict, path: str) -> None:
          "to papers' raw-release numbers.", ""]
     for r in results.get("reruns", []):
         L += [f"Re-run later for {', '.join(r['methods'])} ({r.get('env', {}).get('gpu', '?')}, "
-              f"{r.get('env', {}).get('wall_seconds', 0):.0f} s), replacing those entries"
+              f"{r.get('env', {}).get('wall_seconds', 0):.0f} s), "
+              + ("a check that did not replace those entries" if r.get("check_only") else "replacing those entries")
               + (f" ({r['note']})" if r.get("note") else "") + ":", "", "```", r["command"], "```", ""]
     labels = [str(s) for s in SPARSITIES]
     for name, res in results["models"].items():
