@@ -556,12 +556,12 @@ def test_cuda_graph_step_equals_the_eager_step():
     assert any(B.abs().max() > 0 for _, B in states[0].adapters.values())
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("recipe", ["paper", "tuned"])
 def test_fused_merge_trains_the_same_adapters_as_the_plain_merge(recipe, monkeypatch):
     """The compiled merge of Phase 1 (CUDA autocast) is a speed trick: adapters and losses match the plain merge's
-    within bf16 noise (its backward may sum in another order; at the LLaMA-7B shape they agree to 2e-8)."""
+    within bf16 noise (its gradient's memory layout may change the next matmul's rounding; at the LLaMA-7B shape
+    the adapters agree to 2e-8)."""
     runs = []
     for fused in (True, False):
         if not fused:

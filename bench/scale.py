@@ -11,10 +11,10 @@ Phase-1 ms per step and per block, Phase-2 and target time, peak GPU memory, hos
 streams, the achieved TFLOP/s of the Phase-1 step, and the projection
 
     total = n_layers x (targets + phase1 x 10 / epochs + low_check + phase2)   (per-block means)
+    five dedicated runs = 5 x n_layers x (dedicated block time, Phase 1 scaled the same way)
 
 One-time costs of a process (torch.compile of Phase 1's fused merge) are paid in a short warm-up run first and
 reported as `warmup_seconds_once`, so the projection does not multiply them.
-    five dedicated runs = 5 x n_layers x (dedicated block time, Phase 1 scaled the same way)
 """
 from __future__ import annotations
 
