@@ -1552,9 +1552,44 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def gguf_source(name: str) -> tuple[str, str]:
+    """A .gguf model -> (local folder or hub repo, file name): a local file, or 'org/repo/file.gguf' on the hub.
+    A local file is checked first: missing or not GGUF (magic bytes) is a one-line error."""
+    if os.path.isfile(name):
+        with open(name, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise EPTSError(f"'{name}' is not a GGUF file (it does not start with the GGUF magic bytes)")
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    parts = name.split("/")
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or len(parts) != 3:
+        raise EPTSError(f"no such GGUF file: '{name}' (a hub GGUF is named 'org/repo/file.gguf')")
+    return "/".join(parts[:2]), parts[2]
+
+
+def load_gguf(name: str, trust_remote_code: bool = False):
+    """(model, tokenizer) from a .gguf file: transformers de-quantizes it to fp32; the weights are then copied
+    into a plain model of the same class, which saves, prunes and exports like one loaded from a folder
+    (a model loaded straight from GGUF refuses save_pretrained)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, file = gguf_source(name)
+    try:
+        gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        raise EPTSError(f"reading '{name}' needs the gguf package: pip install gguf ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # a truncated or damaged file fails deep inside the gguf reader, with any error type
+        raise EPTSError(f"cannot read the GGUF file '{name}': {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    config = gguf.config
+    del config.quantization_config
+    model = type(gguf)(config).to(torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    return model, tokenizer
+
+
 def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: bool = False,
                verbose: bool = True):
-    """(model, tokenizer) from the hub or a local folder; a failure to load either is one line naming it."""
+    """(model, tokenizer) from the hub, a local folder or a .gguf file; a failure to load either is one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     if not verbose:
@@ -1563,14 +1598,18 @@ def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: b
         torch_dtype = torch.float32 if device.type == "cpu" else "auto"
     else:
         torch_dtype = getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise EPTSError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        raise EPTSError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from e
+    if name.endswith(".gguf"):
+        model, tokenizer = load_gguf(name, trust_remote_code)
+        model.to(torch.float32 if torch_dtype == "auto" else torch_dtype)  # "auto": GGUF de-quantizes to fp32
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise EPTSError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            raise EPTSError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from e
     if len(tokenizer) <= 1 or not tokenizer("a b c")["input_ids"]:
         raise EPTSError(f"the tokenizer of '{name}' has no vocabulary: the model folder lacks its tokenizer files "
                         "(tokenizer.json / tokenizer_config.json / vocab files)")
@@ -1752,7 +1791,7 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     """Before any work: refuse every output that would destroy data (the model's own folder, another output,
     an existing file or non-empty folder without --overwrite) or could not be written. Returns the checkpoint
     path, named after --save so two runs in one folder never share one."""
-    model_dir = args.model if os.path.isdir(args.model) else None
+    model_dir = args.model if os.path.exists(args.model) else None  # a folder, or a .gguf file
     files = {flag: p for flag, p in (("--save", args.save), ("--json-out", args.json_out)) if p}
     if len(files) == 2 and os.path.realpath(args.save) == os.path.realpath(args.json_out):
         raise EPTSError("--save and --json-out name the same file")
@@ -1862,6 +1901,8 @@ def export(args: argparse.Namespace, model: nn.Module, tokenizer, dense: dict[st
 def checkpoint_dtype(name: str, fallback: torch.dtype) -> torch.dtype:
     """The dtype the checkpoint stores its weights in (config.json), whatever it was loaded in."""
     from transformers import AutoConfig
+    if name.endswith(".gguf"):  # de-quantized GGUF weights are exact in fp32 only
+        return torch.float32
     saved = getattr(AutoConfig.from_pretrained(name), "dtype", None)
     return getattr(torch, saved) if isinstance(saved, str) else (saved or fallback)
 

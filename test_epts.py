@@ -901,6 +901,107 @@ def test_remote_code_is_off_unless_asked_for(tiny_dir, monkeypatch):
     assert seen == [False, True]
 
 
+# ---------------------------------------------------------------------------------------------- GGUF files
+
+def write_tiny_gguf(path: Path, model: LlamaForCausalLM) -> Path:
+    """A LLaMA as llama.cpp writes it (F32 tensors, q/k rows in its rotary order, a byte-level BPE vocabulary
+    of the 256 bytes + one end token), with the gguf package's own writer; nothing is downloaded."""
+    import gguf
+    import numpy as np
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(c.vocab_size)
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    shifted = {b: 256 + i for i, b in enumerate(b for b in range(256) if b not in printable)}  # GPT-2's byte map
+    tokens = [chr(shifted.get(b, b)) for b in range(256)] + ["<|endoftext|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([1] * 256 + [3])
+    w.add_token_merges([])
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(256)
+
+    def rotary_order(t: np.ndarray, heads: int) -> np.ndarray:  # llama.cpp's permutation of q and k rows
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", rotary_order(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rotary_order(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> tuple[Path, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+                      tie_word_embeddings=False)
+    source = LlamaForCausalLM(cfg).eval()
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", source), source
+
+
+def test_a_gguf_file_loads_as_a_plain_model_with_the_sources_logits(tiny_gguf):
+    path, source = tiny_gguf
+    model, tokenizer = epts.load_model(str(path), "auto", torch.device("cpu"), verbose=False)
+    assert type(model) is LlamaForCausalLM and model.dtype == torch.float32
+    assert getattr(model.config, "quantization_config", None) is None  # a plain model: save_pretrained works
+    ids = tokenizer("the elastic block", return_tensors="pt").input_ids
+    assert ids.shape[1] == len("the elastic block")  # byte-level: one token per byte
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source(ids).logits)
+
+
+def test_gguf_optimize_export_and_reload_with_plain_transformers(tiny_gguf, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, source = tiny_gguf
+    export = tmp_path / "export"
+    code, out, err = run_cli("--model", path, "--calib", tiny_dir / "calib.txt", "--eval", "none", "--nsamples", 4,
+                             "--seqlen", 32, "--device", "cpu", "--quiet", "--epochs", 1,
+                             "--export-sparsity", 0.5, "--export-dir", export)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.dtype == torch.float32  # de-quantized GGUF weights are exported as they were loaded
+    assert epts.measured_sparsity(model) == pytest.approx(0.5, abs=1e-6)
+    ids = AutoTokenizer.from_pretrained(export)("the elastic block", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, source(ids).logits)
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such GGUF file"), (b"PK\x03\x04 a zip", "not a GGUF file"),
+                                              ("truncated", "cannot read the GGUF file")])
+def test_a_missing_foreign_or_truncated_gguf_is_one_line(tiny_gguf, tmp_path, content, message):
+    bad = tmp_path / "model.gguf"
+    if content == "truncated":
+        bad.write_bytes(tiny_gguf[0].read_bytes()[:5000])
+    elif content is not None:
+        bad.write_bytes(content)
+    one_line_error(*run_cli("--model", bad, "--eval", "none", "--device", "cpu", "--calib", "x.txt")[::2], message)
+
+
 # ---------------------------------------------------------------------------------------------- tutorial
 
 def test_tutorial_notebook_runs_top_to_bottom():
