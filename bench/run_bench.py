@@ -28,9 +28,16 @@ SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
 NM = ["2:4", "4:8"]  # N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
 METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only",
            "epts-tuned"]
+EXTRA = ["calib-sizes", "save-bf16"]  # not in a default run: calibration-size ablation, adapters rounded to bf16
 GRID = [round(0.05 * k, 2) for k in range(1, 15)]  # --grid: 0.05, 0.1, ..., 0.7 (issue 11's continuum)
 DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
+
+
+def as_saved(state: epts.ElasticState, dtype: torch.dtype) -> epts.ElasticState:
+    """The state as --save-dtype writes it and --load reads it back: every adapter rounded to `dtype`."""
+    return dataclasses.replace(state, adapters={k: (A.to(dtype).float(), B.to(dtype).float())
+                                                for k, (A, B) in state.adapters.items()})
 
 
 def mask_only(state: epts.ElasticState) -> epts.ElasticState:
@@ -66,7 +73,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         if method in a.methods:
             record(method, SPARSITIES + NM)
     if "dedicated" in a.methods:
-        record("dedicated", DEDICATED + NM)  # a dedicated N:M run trains on N:M masks
+        record("dedicated", a.dedicated)  # a dedicated N:M run trains on N:M masks
     if "epts-nm" in a.methods:  # not the paper's recipe: the group of 0.5 also trained on 2:4 masks
         nm_cfg = dataclasses.replace(cfg, nm_train=NM[0])
         clock = epts.Stopwatch(device)
@@ -84,6 +91,21 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
                                                        for r in tuned.reports]
             record("epts", SPARSITIES + NM + ([s for s in GRID if s not in SPARSITIES] if a.grid else []),
                    label=label, state=tuned)
+            if "save-bf16" in a.methods and not overrides:
+                record("epts", SPARSITIES + NM, label="epts-tuned-bf16", state=as_saved(tuned, torch.bfloat16))
+    if "calib-sizes" in a.methods:  # EPTS (both recipes) on the first n of the calibration windows' draw
+        for n in a.calib_sizes:
+            few = epts.calibration_windows(tok, a.calib, n, a.seqlen, a.seed)
+            for recipe in ("paper", "tuned"):
+                clock = epts.Stopwatch(device)
+                st = epts.optimize(model, few, epts.recipe_config(recipe, epochs=a.epochs, seed=a.seed), device, path,
+                                   verbose=False)
+                label = f"epts{'-tuned' if recipe == 'tuned' else ''}-n{n}"
+                out[f"{label}_optimize_seconds".replace("-", "_")] = clock.lap()
+                record("epts", [0.5, 0.7], label=label, state=st)
+    if "wanda-owl" in a.methods:
+        dense_norms = epts.dense_act_norms(model, windows, device)
+        record("wanda", OWL, lambda s: epts.owl_sparsities(dense, dense_norms, s))
     if not {"epts", "epts-owl", "mask-only"} & set(a.methods):
         return out
     clock = epts.Stopwatch(device)
@@ -95,15 +117,14 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     grid = [s for s in GRID if s not in SPARSITIES] if a.grid else []
     if "epts" in a.methods:
         record("epts", SPARSITIES + NM + grid, state=state)
+    if "save-bf16" in a.methods:  # the artifact in bf16: does rounding the adapters move the perplexity?
+        record("epts", SPARSITIES + NM, label="epts-bf16", state=as_saved(state, torch.bfloat16))
     if "mask-only" in a.methods:  # the masks EPTS deploys (Wanda scores of the dense stream), no adapters
         record("epts", SPARSITIES + NM + grid, label="mask-only", state=mask_only(state))
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
     if "epts-owl" in a.methods:
         record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, top)), state=state)
-    if "wanda-owl" in a.methods:
-        dense_norms = epts.dense_act_norms(model, windows, device)
-        record("wanda", OWL, lambda s: epts.owl_sparsities(dense, dense_norms, s))
     return out
 
 
@@ -164,8 +185,8 @@ def write_markdown(results: dict, path: str) -> None:
         for e in evals[:1]:
             L += fmt_table(res, e, ["epts", "epts-owl", "wanda", "wanda-owl"], [str(s) for s in OWL]) + [""]
         m = res["methods"]
-        ach = {k: f"{m[k][str(s)]['achieved_sparsity']:.4f}" for k in ("epts-owl", "wanda-owl") for s in [OWL[-1]]}
-        L += [f"Achieved overall sparsity at {OWL[-1]} with OWL: EPTS {ach['epts-owl']}, Wanda {ach['wanda-owl']}.", ""]
+        ach = {k: f"{m[k][str(OWL[-1])]['achieved_sparsity']:.4f}" for k in ("epts-owl", "wanda-owl") if k in m}
+        L += [f"Achieved overall sparsity at {OWL[-1]} with OWL: " + ", ".join(f"{k} {v}" for k, v in ach.items()), ""]
         # targets
         e0 = evals[0]
         ep = {s: m["epts"][str(s)]["ppl"][e0] for s in SPARSITIES}
@@ -213,8 +234,35 @@ def write_markdown(results: dict, path: str) -> None:
             f"{k} {five(k):.1f}" for k in ("magnitude", "wanda", "sparsegpt")) +
               f", EPTS {res['epts_optimize_seconds'] + five('epts'):.1f} "
               f"(optimize once + five deploys).", ""]
+        L += calib_and_dtype_tables(res, e0)
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
+    """The calibration-size ablation (calib-sizes) and the adapters rounded to bf16 (save-bf16), where measured."""
+    m, L = res["methods"], []
+    sizes = sorted({int(k.rsplit("-n", 1)[1]) for k in m if k.startswith("epts") and k.rsplit("-n", 1)[-1].isdigit()})
+    if sizes:
+        n_full = res.get("nsamples", 128)
+        L += [f"Calibration size: EPTS on the first n windows of the same draw (n = {n_full}: the main run), "
+              f"perplexity on `{e0}` and optimization seconds:", "",
+              "| recipe | n | 0.5 | 0.7 | seconds |", "|---|---|---|---|---|"]
+        for recipe, base in (("paper", "epts"), ("tuned", "epts-tuned")):
+            for n in sizes + [None]:
+                label = f"{base}-n{n}" if n else base
+                if label in m:
+                    secs = res.get(f"{label}_optimize_seconds".replace("-", "_"), float("nan"))
+                    L.append(f"| {recipe} | {n or n_full} | {m[label]['0.5']['ppl'][e0]:.2f} | "
+                             f"{m[label]['0.7']['ppl'][e0]:.2f} | {secs:.0f} |")
+        L.append("")
+    for base in ("epts", "epts-tuned"):
+        if f"{base}-bf16" in m:
+            labels = list(m[f"{base}-bf16"])
+            worst = max(abs(m[f"{base}-bf16"][k]["ppl"][e0] / m[base][k]["ppl"][e0] - 1) for k in labels)
+            L += [f"`{base}` with its adapters rounded to bf16 (`--save-dtype bfloat16`) vs fp32, on `{e0}`: largest "
+                  f"relative change {100 * worst:.3f}% over {', '.join(labels)}.", ""]
+    return L
 
 
 def plot_elasticity(results: dict, path: str) -> None:
@@ -254,45 +302,74 @@ def plot_elasticity(results: dict, path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", required=True)
-    p.add_argument("--calib", required=True)
-    p.add_argument("--eval", nargs="+", required=True)
+    p.add_argument("--models", nargs="+", default=[])
+    p.add_argument("--calib")
+    p.add_argument("--eval", nargs="+")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__))))
     p.add_argument("--tuned-variants", default="{}", help="JSON name -> EPTSConfig fields: more epts-tuned-<name> runs")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+    p.add_argument("--dedicated", nargs="+", type=epts.sparsity_arg, default=DEDICATED + NM,
+                   help="sparsities (or N:M) of the dedicated runs")
+    p.add_argument("--calib-sizes", nargs="+", type=int, default=[16, 32],
+                   help="calib-sizes: calibration windows of the ablation's runs (the full run gives --nsamples)")
+    p.add_argument("--merge", nargs="+", default=[], help="results.json files of fresh partial runs (run on other "
+                   "GPUs) to merge into --from, each recorded as a re-run with its own command")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA,
                    help="re-run only these; their entries replace those in the --out results.json")
     p.add_argument("--grid", action="store_true", help="also evaluate epts and mask-only at 0.05, 0.1, ..., 0.7")
     p.add_argument("--from", dest="previous", help="results.json to update with --methods (default: --out's)")
     a = p.parse_args()
-    device = epts.pick_device("auto")
+    if not a.merge and not (a.models and a.calib and a.eval):
+        p.error("--models, --calib and --eval are needed (unless --merge)")
     t0 = time.perf_counter()
     results = {"config": vars(a), "models": {}}
-    if a.methods != METHODS:  # a partial re-run: keep every other entry of the previous results
-        with open(a.previous or os.path.join(a.out, "results.json")) as f:
+    previous = a.previous or os.path.join(a.out, "results.json")
+    partial = a.methods != METHODS
+    fresh = partial and not os.path.exists(previous)  # a partial run on its own: results.json only, merged later
+    if (partial or a.merge) and not fresh:  # keep every other entry of the previous results
+        with open(previous) as f:
             results = json.load(f)
+    for part_file in a.merge:
+        with open(part_file) as f:
+            part = json.load(f)
+        for name, res in part["models"].items():
+            update(results, name, res)
+        results.setdefault("reruns", []).extend(part["reruns"])
+    if a.merge:
+        write_all(results, a, None, t0, env=False)
+        return
+    device = epts.pick_device("auto")
+    if partial:
         results.setdefault("reruns", []).append({"methods": a.methods, "command": "python " + shlex.join(sys.argv)})
     for path in a.models:
         name = os.path.basename(path.rstrip("/"))
         new = bench_model(path, a, device)
-        if a.methods != METHODS:
-            results["models"][name]["methods"].update(new.pop("methods"))
-            results["models"][name].update(new)
+        if partial:
+            update(results, name, new)
         else:
             results["models"][name] = new
-        write_all(results, a, device, t0)  # after every model: a run cut short keeps what it finished
-    print(open(os.path.join(a.out, "RESULTS.md")).read())
+        write_all(results, a, device, t0, markdown=not fresh)  # after every model: a run cut short keeps its part
+    if not fresh:
+        print(open(os.path.join(a.out, "RESULTS.md")).read())
 
 
-def write_all(results: dict, a: argparse.Namespace, device: torch.device, t0: float) -> None:
+def update(results: dict, name: str, new: dict) -> None:
+    """Put a partial run's entries for model `name` into `results`, replacing those of the same label."""
+    model = results["models"].setdefault(name, {"methods": {}})
+    model["methods"].update(new["methods"])
+    model.update({k: v for k, v in new.items() if k != "methods"})
+
+
+def write_all(results: dict, a: argparse.Namespace, device: torch.device | None, t0: float, markdown: bool = True,
+              env: bool = True) -> None:
     import transformers
-    if a.methods != METHODS:  # the environment of the full run stays; the re-run records its own
+    if env and a.methods != METHODS:  # the environment of the full run stays; the re-run records its own
         results["reruns"][-1]["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                         "wall_seconds": time.perf_counter() - t0}
-    else:
+    elif env:  # (a merge keeps every entry's own environment)
         results["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                           "torch": torch.__version__, "transformers": transformers.__version__,
                           "python": platform.python_version(), "wall_seconds": time.perf_counter() - t0,
@@ -300,6 +377,8 @@ def write_all(results: dict, a: argparse.Namespace, device: torch.device, t0: fl
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    if not markdown:
+        return
     write_markdown(results, os.path.join(a.out, "RESULTS.md"))
     if any("mask-only" in r["methods"] for r in results["models"].values()):
         plot_elasticity(results, os.path.join(a.out, "elasticity.png"))
