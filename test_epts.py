@@ -914,14 +914,17 @@ def test_remote_code_is_off_unless_asked_for(tiny_dir, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- tutorial
 
-def test_tutorial_notebook_runs_top_to_bottom():
-    """tutorial.ipynb is executed as a reader would run it; any error in any cell fails the test."""
+def test_tutorial_notebook_runs_top_to_bottom(monkeypatch):
+    """tutorial.ipynb is executed as a reader would run it, every cell on a smaller setting (EPTS_TUTORIAL_QUICK:
+    fewer and shorter windows, fewer block-0 epochs); any error in any cell fails the test."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("EPTS_TUTORIAL_QUICK", "1")                      # the kernel inherits the environment
     nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    assert images >= 3
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert images >= 3 and "calibration (4, 64)" in printed                  # it ran on the smaller setting
 
 
 # ---------------------------------------------------------------------------------------------- reading order
