@@ -1,9 +1,9 @@
 """EPTS: Elastic Post-Training Sparsity (Xu et al., KDD 2026, arXiv 2606.25285) -- a single-file reference.
 
-One short block-wise optimization turns a pretrained causal LM (OPT, LLaMA) into a single *elastic* model that
-can be deployed at any unstructured sparsity s in [0, 0.7]. MS-HiLoRA (Eq. 2) gives every linear W one LoRA pair
-(B_k, A_k) per sparsity group k, chained low -> high; MSFM (Eq. 4) trains the next block on a mix of this
-block's outputs at several sparsities. The whole algorithm, with the functions that implement it:
+One short block-wise optimization turns a pretrained causal LM (OPT, LLaMA) into a single *elastic* model, trained
+for every unstructured sparsity s in (0, 0.7] and deployable at any s in [0, 1) (above 0.7: the mask alone).
+MS-HiLoRA (Eq. 2) gives every linear W one LoRA pair (B_k, A_k) per sparsity group k, chained low -> high; MSFM
+(Eq. 4) trains the next block on a mix of this block's outputs at several sparsities. The whole algorithm:
 
   optimize(model, windows, cfg):
     X_dense = X_mix = capture_block_inputs(model, windows)           # two streams into block 0
@@ -1343,14 +1343,15 @@ def _write(path: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
     os.replace(tmp, path)  # a crash never leaves half a file behind
 
 
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _read(path: str, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON header) of an artifact or checkpoint, checked; no tensors with `header_only`."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise EPTSError(f"no elastic state at '{path}'")
     try:
         with safe_open(path, framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("epts", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {} if header_only else {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 -- any parse failure means "not an artifact"
         raise EPTSError(f"'{path}' is not an EPTS elastic state ({str(e).splitlines()[0]})") from e
     if header.get("format") != "epts":
@@ -1364,15 +1365,29 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, header
 
 
-def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32) -> None:
+def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32, seqlen: int | None = None
+                 ) -> None:
     """The elastic artifact: adapters (in `dtype`) + activation norms + a JSON header, as safetensors.
 
-    No pickle, no base weights, no masks (they are re-derived from the base weights and the norms).
+    No pickle, no base weights, no masks (they are re-derived from the base weights and the norms). `seqlen`,
+    the calibration windows' length, is recorded for --load to evaluate at.
     """
-    _write(path, _state_tensors(state, dtype), _state_header(state))
+    _write(path, _state_tensors(state, dtype), {**_state_header(state), "seqlen": seqlen})
+
+
+def state_header(path: str) -> dict:
+    """The JSON header of an elastic state, read without its tensors; the checkpoint of an unfinished run (what an
+    interrupted --save leaves) is refused in one line, naming --resume."""
+    header = _read(path, header_only=True)[1]
+    if "next_block" in header:
+        raise EPTSError(f"'{path}' is a checkpoint of an unfinished run, not an elastic state; continue it with "
+                        "--resume (the interrupted command again, plus --resume)")
+    return header
 
 
 def load_elastic(path: str) -> ElasticState:
+    """The elastic state save_elastic wrote."""
+    state_header(path)
     return _state_from(*_read(path))
 
 
@@ -1396,10 +1411,12 @@ def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, windows: torch
     """(state so far, next block, X_dense, X_mix) of a checkpoint made with the same config, base model and
     calibration data; anything else is refused in one line."""
     tensors, header = _read(path)
-    saved = header.get("config", {})
-    if json.loads(json.dumps(asdict(cfg))) != saved:
-        raise EPTSError(f"checkpoint '{path}' was made with other settings; remove it or run with the same "
-                        f"arguments (saved config: {saved})")
+    saved, given = header.get("config", {}), json.loads(json.dumps(asdict(cfg)))
+    differ = [f"{k} {saved.get(k)} (now {given.get(k)})" for k in sorted(set(saved) | set(given))
+              if saved.get(k) != given.get(k)]
+    if differ:
+        raise EPTSError(f"checkpoint '{path}' was made with other settings: {'; '.join(differ)}; remove it or run "
+                        "with the same arguments")
     state = _state_from(tensors, header)
     check_fingerprint(state, model, model_name)
     now = run_identity(windows, weight_dtype(model))
@@ -1623,6 +1640,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default shown, except a None (those flags say in words what happens without them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """The flags of Runtime: how the method runs, never what it computes."""
     p.add_argument("--no-amp", action="store_true", help="optimize in fp32 instead of bf16 autocast (CUDA)")
@@ -1633,25 +1657,49 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="run Phase-1 steps eagerly on CUDA")
 
 
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """The flags of what a run writes and reads back: the elastic state, checkpoints, the export, the results."""
+    p.add_argument("--save", help="write the elastic state (safetensors) here")
+    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved adapters: bfloat16 is half of float32's size and moved no perplexity on "
+                        "SmolLM2-135M by more than 0.022%%; the run evaluates the state as saved")
+    p.add_argument("--checkpoint-dir", help="write a checkpoint after every block here (default: --save's folder)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint after the last finished block")
+    p.add_argument("--load", help="load an elastic state instead of optimizing")
+    p.add_argument("--export-sparsity", type=sparsity_arg, help="save the model at this sparsity or N:M pattern "
+                   "(any --method) to --export-dir as a plain transformers model")
+    p.add_argument("--export-dir", help="an empty or new folder for --export-sparsity (made when it is written)")
+    p.add_argument("--export-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the exported weights (auto: the checkpoint's own dtype)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing existing --save / --json-out files, "
+                   "and an --export-dir holding an earlier export: its files (config, weights and index, tokenizer) "
+                   "are removed before the new one is written; any other file there is refused. Never the model's "
+                   "own folder")
+    p.add_argument("--json-out", help="write the results as JSON here")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's flags; --eval's default is none when a --load state is only exported."""
     d = EPTSConfig()  # the method's defaults are written once, in EPTSConfig
-    p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 0.7].",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="EPTS: optimize once, deploy at any sparsity in [0, 1) (trained for (0, 0.7]; above "
+                "that, the mask alone).", formatter_class=_Help)
     p.add_argument("--model", required=True, help="HF hub name or local folder (OPT or LLaMA family)")
     p.add_argument("--calib", default="c4", help="calibration data: c4 | wikitext2 | path to a text file")
-    p.add_argument("--eval", nargs="+", default=["wikitext2"], help="wikitext2 | c4 | text file paths | none")
+    p.add_argument("--eval", nargs="+", help="wikitext2 | c4 | text file paths | none (default: wikitext2; none "
+                   "with --load and --export-sparsity)")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="evaluate on the first N tokens of each --eval text only (default: all)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window, and per evaluation "
-                   "window (perplexity depends on it); default min(2048, max_position_embeddings)")
+                   "window (perplexity depends on it); default: a --load state's own, else min(2048, "
+                   "max_position_embeddings)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of Phase 1 per block")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate, cosine-annealed to 0")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=d.recipe, help="paper (the authors') or tuned "
                    "(group 0 trained alone on the dense stream, ramped and fitted gain, rank 32; see README)")
     p.add_argument("--rank", type=int, default=None,
-                   help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "  # %(default).0s: no "None"
-                        f"{RECIPES['tuned']['rank']} with --recipe tuned)%(default).0s")
+                   help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
+                        f"{RECIPES['tuned']['rank']} with --recipe tuned)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
     p.add_argument("--pattern", default="unstructured", type=pattern_arg,
@@ -1673,25 +1721,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in d.groups], metavar="HI",
                    help="upper ends of the sparsity groups; group k is (HI_{k-1}, HI_k], starting at 0")
     p.add_argument("--mixer", type=float, nargs="+", default=list(d.mixer), help="MSFM weights, one per group")
-    p.add_argument("--save", help="write the elastic state (safetensors) here")
-    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved adapters: bfloat16 is half of float32's size and moved no perplexity on "
-                        "SmolLM2-135M by more than 0.022%%; the run evaluates the state as saved")
-    p.add_argument("--checkpoint-dir", help="write a checkpoint after every block here (default: --save's folder)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint after the last finished block")
-    p.add_argument("--load", help="load an elastic state instead of optimizing")
-    p.add_argument("--export-sparsity", type=sparsity_arg, help="save the model at this sparsity or N:M pattern "
-                   "(any --method) to --export-dir as a plain transformers model")
-    p.add_argument("--export-dir", help="an empty or new folder for --export-sparsity")
-    p.add_argument("--export-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="dtype of the exported weights (auto: the checkpoint's own dtype)")
-    p.add_argument("--overwrite", action="store_true", help="allow replacing existing --save / --json-out files "
-                   "and a non-empty --export-dir (never the model's own folder)")
-    p.add_argument("--json-out", help="write the results as JSON here")
+    add_output_args(p)
     p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward when evaluating")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval is None:  # exporting a saved state needs no evaluation unless one is asked for
+        args.eval = ["none"] if args.load and args.export_sparsity is not None else ["wikitext2"]
+    return args
 
 
 def sparsity_arg(text: str) -> float | str:
@@ -1740,9 +1777,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
 
 
 def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, float]],
-                     schedule: Sequence[float] | None = None) -> None:
+                     schedule: Sequence[float] | None = None, warn_above: bool = True) -> None:
     """Every sparsity the run will apply lies in [0, 1); a dedicated run's in the trained groups. EPTS above
-    its top group deploys the mask alone (as the authors' code), with a warning."""
+    its top group deploys the mask alone (as the authors' code), with a warning (`warn_above`)."""
     if args.pattern != "unstructured" and args.schedule != "uniform":
         raise EPTSError("--pattern N:M puts one pattern in every block: use it with --schedule uniform")
     asked = [pattern(s)[0] for s in list(schedule or targets_of(args)) + (
@@ -1753,7 +1790,7 @@ def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, flo
         if args.method == "dedicated":
             group_of(s, groups)
     above = sorted({s for s in asked if s > groups[-1][1]})
-    if args.method == "epts" and above:
+    if args.method == "epts" and above and warn_above:
         warn(f"sparsities {above} lie above the trained range (0, {groups[-1][1]}]: the mask alone is deployed there")
 
 
@@ -1779,13 +1816,21 @@ def inside(path: str, folder: str) -> bool:
 
 
 def writable_folder(folder: str, flag: str) -> None:
-    """Create `folder` if needed and prove it writable with a temporary file; else a one-line error."""
+    """Prove `folder` writable with a temporary file, creating nothing (a new folder is made when its output is
+    written, so the nearest existing folder above it is tried); else one line with the OS's reason."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise EPTSError(f"{flag}: cannot write to '{folder}': '{existing}' is a file, not a folder")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise EPTSError(f"{flag}: cannot write to '{folder}' ({e.strerror or e})") from e
+        why = e.strerror or str(e)
+        if isinstance(e, FileNotFoundError):  # e.g. /proc: the folder exists, its file system takes no new files
+            why = f"the folder exists, but creating a file in it fails: {why}; not a writable file system"
+        raise EPTSError(f"{flag}: cannot write to '{folder}' ({why})") from e
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
@@ -1821,7 +1866,27 @@ def check_export_dir(args: argparse.Namespace, model_dir: str | None) -> None:
         raise EPTSError(f"--export-dir '{path}' is a file, not a folder")
     if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
         raise EPTSError(f"--export-dir '{path}' is not empty; choose a new folder or pass --overwrite")
+    earlier_export(path)
     writable_folder(path, "--export-dir")
+
+
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def earlier_export(folder: str) -> list[str]:
+    """The files of an earlier export in `folder` (EXPORT_FILES), which --overwrite removes before the new export
+    is written; any other file or folder there is refused by name, so nothing else is ever deleted."""
+    import fnmatch
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    other = [n for n in names if not (os.path.isfile(os.path.join(folder, n))
+                                      and any(fnmatch.fnmatchcase(n, p) for p in EXPORT_FILES))]
+    if other:
+        raise EPTSError(f"--export-dir '{folder}' holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
+                        "which no export writes: --overwrite replaces an earlier export only; remove them or "
+                        "choose a new folder")
+    return names
 
 
 def checkpoint_file(args: argparse.Namespace) -> str | None:
@@ -1871,7 +1936,7 @@ def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch
     state = optimize(model, windows, cfg, device, args.model, not args.quiet, checkpoint, args.resume, runtime)
     seconds = time.perf_counter() - t0
     if args.save:
-        save_elastic(state, args.save, getattr(torch, args.save_dtype))
+        save_elastic(state, args.save, getattr(torch, args.save_dtype), seqlen=windows.shape[-1])
         state = load_elastic(args.save)  # evaluate what was saved: --load prints the same numbers
         if checkpoint and os.path.isfile(checkpoint):
             os.remove(checkpoint)  # the run is complete: the artifact replaces the checkpoint
@@ -1886,6 +1951,8 @@ def export(args: argparse.Namespace, model: nn.Module, tokenizer, dense: dict[st
         raise EPTSError("the model to export holds non-finite weights; nothing was written")
     home = next(model.parameters()).dtype
     dtype = getattr(torch, args.export_dtype) if args.export_dtype != "auto" else checkpoint_dtype(args.model, home)
+    for name in earlier_export(args.export_dir):  # --overwrite: no file of the earlier export may remain
+        os.remove(os.path.join(args.export_dir, name))
     model.to(dtype)  # back below: a checkpoint loaded into fp32 from fp16/bf16 goes back and forth exactly
     try:
         model.save_pretrained(args.export_dir)
@@ -1923,14 +1990,16 @@ def sparsity_plan(args: argparse.Namespace, model: nn.Module, dense: dict[str, t
 
 
 def table_row(r: dict, evals: Sequence[str]) -> str:
+    """One row of the printed table: sparsity, achieved sparsity, one perplexity per --eval, deploy seconds."""
     ppl = " ".join(f"{r['ppl'][e]:>14.3f}" for e in evals)
     s = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
     return f"{s:>8} {r['achieved_sparsity']:>9.4f} {ppl} {r['seconds']:>8.1f}"
 
 
 def table_head(evals: Sequence[str]) -> str:
+    """The table's header; `deploy s` is the time to set a row's weights (pruning, for a baseline), not to evaluate."""
     short = [os.path.basename(e.rstrip("/")) or e for e in evals]
-    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{s[:14]:>14}" for s in short) + f" {'seconds':>8}"
+    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{s[:14]:>14}" for s in short) + f" {'deploy s':>8}"
     return head + "\n" + "-" * len(head)
 
 
@@ -1938,21 +2007,16 @@ def run(args: argparse.Namespace) -> dict:
     """The command line's job. Everything that can be checked is checked before any work; then optimize (or
     load), optionally export, and sweep the sparsities, printing each row as soon as it is evaluated."""
     cfg, runtime = configs_from_args(args)
-    check_sparsities(args, cfg.groups)
-    checkpoint = check_outputs(args)
+    check_sparsities(args, cfg.groups, warn_above=False)  # the groups may still come from --load: warned below
     device = pick_device(args.device)
+    header = check_inputs(args, device)
+    checkpoint = check_outputs(args)
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
     check_patterns(args, model)
     schedule_file = load_schedule(args.schedule, len(decoder_blocks(model)))
-    if schedule_file is not None:
-        check_sparsities(args, cfg.groups, schedule_file)
-    seqlen = args.seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-    if seqlen > getattr(model.config, "max_position_embeddings", seqlen):
-        raise EPTSError(f"--seqlen {seqlen} is above the model's max_position_embeddings "
-                        f"{model.config.max_position_embeddings}")
+    seqlen = eval_seqlen(args, model, header)
     state = load_artifact(args, model) if args.load else None
-    if state is not None:
-        check_sparsities(args, state.groups)
+    check_sparsities(args, state.groups if state is not None else cfg.groups, schedule_file)
     needs_calib = not (args.method == "epts" and state is not None) and not (
         args.method == "magnitude" and args.schedule != "owl")
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, seqlen, args.seed) if needs_calib else None
@@ -1975,9 +2039,43 @@ def run(args: argparse.Namespace) -> dict:
     if tokens:
         evaluate_and_report(args, model, tokens, seqlen, dense, schedule_file, how, result)
     if args.json_out:  # also without --eval: the optimization's seconds and the low-group flags
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)  # made now, not up front
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2, default=str)
     return result
+
+
+def check_inputs(args: argparse.Namespace, device: torch.device) -> dict:
+    """Before the model loads: --save where nothing is optimized, a --model path or --eval file that does not
+    exist, a --load that is no elastic state; a warning for fp16 on the CPU. Returns --load's header ({})."""
+    if args.save and (args.method != "epts" or args.load):
+        raise EPTSError(f"--save writes the elastic state that --method epts optimizes; "
+                        + ("with --load nothing is optimized" if args.load else f"--method {args.method} has none"))
+    name = args.model
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (
+        "/" in name and os.path.exists(name.split("/")[0]))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise EPTSError(f"--model '{name}': no such folder (a hub model is named owner/name)")
+    for e in args.eval:
+        if e not in ("wikitext2", "c4", "none") and not os.path.isfile(e):
+            raise EPTSError(f"--eval '{e}' is neither wikitext2, c4, none nor a text file")
+    if args.dtype == "float16" and device.type == "cpu":
+        warn("--dtype float16 on the CPU is very slow (few CPU kernels are fast in fp16): float32, the CPU's "
+             "default, takes a fraction of the time")
+    return state_header(args.load) if args.load else {}
+
+
+def eval_seqlen(args: argparse.Namespace, model: nn.Module, header: dict) -> int:
+    """--seqlen; without it, the seqlen a loaded state was optimized at (or, with a warning, none recorded), else
+    min(2048, max_position_embeddings); never above the model's positions."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    seqlen = args.seqlen or header.get("seqlen") or min(2048, max_pos or 2048)
+    if args.load and not (args.seqlen or header.get("seqlen")):
+        warn(f"--load: the elastic state does not record its --seqlen; evaluating at {seqlen} tokens per window "
+             "(perplexity depends on it: pass --seqlen)")
+    if max_pos is not None and seqlen > max_pos:
+        raise EPTSError(f"--seqlen {seqlen} is above the model's max_position_embeddings {max_pos}")
+    return seqlen
 
 
 def load_eval_tokens(args: argparse.Namespace, tokenizer, seqlen: int) -> dict[str, torch.Tensor]:
@@ -2019,27 +2117,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
         return int(e.code or 0)
+    started = time.time()
     try:
         run(args)
     except EPTSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted{resume_hint(args)}", file=sys.stderr)
+        print(f"\ninterrupted{resume_hint(args, started)}", file=sys.stderr)
         return 130
     return 0
 
 
-def resume_hint(args: argparse.Namespace) -> str:
-    """After Ctrl-C: how to continue, when a checkpoint was written."""
+def resume_hint(args: argparse.Namespace, started: float) -> str:
+    """After Ctrl-C: how to continue, when a checkpoint, or the state --save names, was written since `started`."""
     path = checkpoint_file(args)
     try:
-        done = _read(path)[1].get("next_block", 0) if path and os.path.isfile(path) else None
+        done = _read(path, header_only=True)[1].get("next_block", 0) if path and os.path.isfile(path) else None
     except EPTSError:
         done = None
-    if done is None:
-        return ""
-    return f": {done} finished block(s) are saved in '{path}'; run the same command with --resume to continue"
+    if done is not None:
+        return f": {done} finished block(s) are saved in '{path}'; run the same command with --resume to continue"
+    if path and args.save and os.path.isfile(args.save) and os.path.getmtime(args.save) >= started:
+        return (f": the elastic state is saved in '{args.save}'; the same command with --load {args.save} instead "
+                f"of --save continues from it without optimizing again")
+    return ""
 
 
 if __name__ == "__main__":

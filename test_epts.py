@@ -632,6 +632,16 @@ def tiny_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def saved_state(tiny_dir, tmp_path_factory) -> Path:
+    """An elastic state of the tiny OPT saved by the CLI, optimized on windows of 16 tokens (the default is 64)."""
+    art = tmp_path_factory.mktemp("state") / "s.safetensors"
+    args = cli(tiny_dir, "opt", "--epochs", "1", "--rank", "2", "--eval", "none", "--save", art)
+    args[args.index("--seqlen") + 1] = "16"
+    assert run_cli(*args)[0] == 0
+    return art
+
+
 def cli(tiny_dir, arch, *extra):
     return ["--model", str(tiny_dir / arch), "--calib", str(tiny_dir / "calib.txt"), "--eval",
             str(tiny_dir / "eval.txt"), "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet", *extra]
@@ -787,9 +797,10 @@ def test_kill_and_resume_gives_the_same_result_as_a_straight_run(tmp_path, monke
         torch.testing.assert_close(resumed.adapters[key][0], A, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(resumed.adapters[key][1], B, rtol=1e-5, atol=1e-7)
     assert resumed.low_group_enabled == straight.low_group_enabled
-    with pytest.raises(epts.EPTSError, match="other settings"):   # a checkpoint of other settings is refused
+    with pytest.raises(epts.EPTSError, match=r"other settings: rank 2 \(now 3\); remove it") as refused:
         epts.optimize(tiny_model("llama", n_layers=3), windows, epts.EPTSConfig(rank=3, epochs=2), verbose=False,
-                      checkpoint=ckpt, resume=True)
+                      checkpoint=ckpt, resume=True)          # a checkpoint of other settings is refused, naming them
+    assert "epochs" not in str(refused.value) and "mixer" not in str(refused.value)
 
 
 def test_artifact_holds_adapters_norms_and_a_small_header_only(optimized, tmp_path):
@@ -1004,14 +1015,17 @@ def test_a_missing_foreign_or_truncated_gguf_is_one_line(tiny_gguf, tmp_path, co
 
 # ---------------------------------------------------------------------------------------------- tutorial
 
-def test_tutorial_notebook_runs_top_to_bottom():
-    """tutorial.ipynb is executed as a reader would run it; any error in any cell fails the test."""
+def test_tutorial_notebook_runs_top_to_bottom(monkeypatch):
+    """tutorial.ipynb is executed as a reader would run it, every cell on a smaller setting (EPTS_TUTORIAL_QUICK:
+    fewer and shorter windows, fewer block-0 epochs); any error in any cell fails the test."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("EPTS_TUTORIAL_QUICK", "1")                      # the kernel inherits the environment
     nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    assert images >= 3
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert images >= 3 and "calibration (4, 64)" in printed                  # it ran on the smaller setting
 
 
 # ---------------------------------------------------------------------------------------------- reading order
@@ -1099,13 +1113,24 @@ def test_export_dir_must_be_a_new_or_empty_folder(tiny_dir, tmp_path, monkeypatc
     assert (other / "model.safetensors").read_bytes() == b"precious" and a_file.read_text() == "x"
 
 
-def test_overwrite_allows_a_non_empty_export_dir(tiny_dir, tmp_path):
-    target = tmp_path / "old-export"
-    target.mkdir()
-    (target / "notes.txt").write_text("old")
-    code, out, err = run_cli(*cli(tiny_dir, "opt", "--method", "magnitude", "--export-sparsity", "0.5",
-                                  "--export-dir", target, "--eval", "none", "--overwrite"))
-    assert code == 0 and "exported magnitude" in out and (target / "config.json").exists()
+def test_overwrite_replaces_an_earlier_export_entirely_and_refuses_other_files(tiny_dir, tmp_path, monkeypatch):
+    """--overwrite removes every file an earlier export wrote (here a sharded LLaMA: shards, their index, configs,
+    tokenizer), so the folder holds the new export only; a file no export writes is refused, by name."""
+    import shutil
+    target = Path(shutil.copytree(tiny_dir / "llama", tmp_path / "old-export"))
+    (target / "model.safetensors").unlink()
+    tiny_model("llama").save_pretrained(target, max_shard_size="40KB")
+    assert (target / "model.safetensors.index.json").exists()
+    base = cli(tiny_dir, "opt", "--method", "magnitude", "--export-sparsity", "0.5", "--eval", "none")
+    code, out, _ = run_cli(*base, "--export-dir", target, "--overwrite")
+    assert code == 0 and "exported magnitude" in out
+    assert run_cli(*base, "--export-dir", tmp_path / "fresh")[0] == 0
+    assert files_of(target) == files_of(tmp_path / "fresh")              # nothing of the LLaMA export is left
+    (target / "notes.txt").write_text("mine")
+    no_work(monkeypatch)
+    before = files_of(target)
+    one_line_error(*run_cli(*base, "--export-dir", target, "--overwrite")[::2], "holds notes.txt")
+    assert files_of(target) == before
 
 
 def test_save_and_json_out_are_checked_before_any_work(tiny_dir, tmp_path, monkeypatch):
@@ -1126,15 +1151,21 @@ def test_save_and_json_out_are_checked_before_any_work(tiny_dir, tmp_path, monke
     one_line_error(*run_cli(*cli(tiny_dir, "opt", "--checkpoint-dir", blocker / "ck"))[::2], "cannot write")
 
 
-def test_checkpoints_are_named_after_the_output_and_never_taken_over(tiny_dir, tmp_path, monkeypatch):
+def interrupt_at_block(monkeypatch, index: int) -> None:
+    """Ctrl-C when optimize reaches block `index` (blocks before it are finished and checkpointed)."""
     real = epts.optimize_block
 
-    def die_at_block_1(*a, **k):
-        if a[6] == 1:
+    def interrupted(*a, **k):
+        if a[6] == index:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(epts, "optimize_block", die_at_block_1)
+    monkeypatch.setattr(epts, "optimize_block", interrupted)
+
+
+def test_checkpoints_are_named_after_the_output_and_never_taken_over(tiny_dir, tmp_path, monkeypatch):
+    real = epts.optimize_block
+    interrupt_at_block(monkeypatch, 1)
     code, _, err = run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--save", tmp_path / "a.safetensors"))
     checkpoint = tmp_path / "a.safetensors.checkpoint"
     assert code == 130 and checkpoint.exists()
@@ -1274,7 +1305,7 @@ def test_load_records_the_artifacts_settings_and_warns_on_another_dtype(tiny_dir
 # ---------------------------------------------------------------------------------------------- protocol as published
 
 def test_baselines_accept_any_sparsity_below_one_and_epts_above_its_range_deploys_the_mask(optimized, tiny_dir,
-                                                                                           tmp_path):
+                                                                                           tmp_path, saved_state):
     out = tmp_path / "w.json"
     assert run_cli(*cli(tiny_dir, "opt", "--method", "wanda", "--sparsities", "0.8", "--json-out", out))[0] == 0
     assert json.loads(out.read_text())["results"][0]["achieved_sparsity"] == pytest.approx(0.8, abs=0.02)
@@ -1286,7 +1317,9 @@ def test_baselines_accept_any_sparsity_below_one_and_epts_above_its_range_deploy
         assert torch.equal(lin.weight, dense[key] * keep)               # no adapter above the trained 0.7
     epts.restore_dense(model, dense)
     code, _, err = run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--sparsities", "0.8", "--eval", "none"))
-    assert code == 0 and "above the trained range" in err
+    assert code == 0 and err.count("above the trained range") == 1
+    code, _, err = run_cli(*cli(tiny_dir, "opt", "--load", saved_state, "--sparsities", "0.8", "--eval", "none"))
+    assert code == 0 and err.count("above the trained range") == 1      # once, also when --load brings the groups
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "dedicated"])
@@ -1348,6 +1381,8 @@ def test_eval_tokens_caps_the_evaluation_and_rows_print_as_they_come(tiny_dir, t
     assert code == 0 and res["dense"][str(tiny_dir / "eval.txt")] == epts.perplexity(model, tokens[:64], 32)
     assert [l.split()[0] for l in printed.splitlines() if l[:8].strip().replace(".", "").isdigit()] == \
         ["0.00", "0.30", "0.50"]
+    head = next(l for l in printed.splitlines() if l.split()[:1] == ["sparsity"])
+    assert head.endswith(" deploy s")                                   # the time column is the deploy time
 
 
 def test_help_shows_every_default():
@@ -1359,7 +1394,8 @@ def test_help_shows_every_default():
     text = " ".join(buf.getvalue().split())
     for default in ("(default: 128)", "(default: 10)", "(default: 0.001)", "(default: c4)", "(default: epts)"):
         assert default in text
-    assert "perplexity depends on it" in text
+    assert "perplexity depends on it" in text and "(default: None)" not in text
+    assert "any sparsity in [0, 1) (trained for (0, 0.7]" in text                # as the README says
 
 
 def test_readme_library_snippet_runs(tiny_dir):
@@ -1467,3 +1503,118 @@ def test_nm_training_adds_one_slice_that_trains_the_group_of_n_over_m_on_nm_mask
         expected = epts.call_block(epts.decoder_blocks(ref)[0], X[:2], kwargs)
     torch.testing.assert_close(out[1], expected)
     assert not torch.allclose(out[0], out[1])                                # slice 0: the unstructured mask
+
+
+# ---------------------------------------------------------------------------------------------- say what happens
+
+def stop_before_the_model(monkeypatch) -> None:
+    """End the run with a one-line error where the model would load: what comes before it is the test's subject."""
+    def stop(*a, **k):
+        raise epts.EPTSError("stopped where the model loads")
+    monkeypatch.setattr(epts, "load_model", stop)
+
+
+def test_loading_the_checkpoint_of_an_unfinished_run_names_resume(tiny_dir, tmp_path, monkeypatch):
+    interrupt_at_block(monkeypatch, 1)
+    assert run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--save", tmp_path / "a.safetensors"))[0] == 130
+    checkpoint = tmp_path / "a.safetensors.checkpoint"
+    stop_before_the_model(monkeypatch)
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--load", checkpoint))[::2],
+                   "is a checkpoint of an unfinished run, not an elastic state; continue it with --resume")
+    with pytest.raises(epts.EPTSError, match="checkpoint of an unfinished run"):      # the library says the same
+        epts.load_elastic(str(checkpoint))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "wanda"], "--method wanda has none"),
+    (["--method", "magnitude", "--eval", "none"], "--method magnitude has none"),
+    (["--load", "elastic.safetensors"], "with --load nothing is optimized"),
+])
+def test_save_is_refused_where_nothing_is_optimized(tiny_dir, tmp_path, monkeypatch, extra, message):
+    no_work(monkeypatch)
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--save", tmp_path / "w.safetensors", *extra))[::2], message)
+
+
+def test_exporting_a_saved_state_evaluates_nothing_unless_asked(tiny_dir, saved_state, tmp_path, monkeypatch):
+    monkeypatch.setattr(epts, "eval_tokens", lambda *a, **k: pytest.fail("an evaluation text was loaded"))
+    args = cli(tiny_dir, "opt", "--load", saved_state, "--export-sparsity", "0.5", "--export-dir", tmp_path / "x")
+    del args[args.index("--eval"):args.index("--eval") + 2]            # no --eval: the README's export flow
+    code, out, _ = run_cli(*args)
+    assert code == 0 and "exported epts" in out and (tmp_path / "x" / "config.json").exists()
+    assert epts.parse_args(["--model", "m", "--load", "s"]).eval == ["wikitext2"]   # --load alone evaluates
+
+
+def test_output_folders_are_created_only_when_their_output_is_written(tiny_dir, tmp_path, monkeypatch):
+    new = tmp_path / "new"
+    stop_before_the_model(monkeypatch)
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--export-sparsity", "0.5", "--export-dir", new / "export",
+                                 "--save", new / "s" / "a.safetensors", "--json-out", new / "j" / "r.json",
+                                 "--checkpoint-dir", new / "ck"))[::2], "stopped where the model loads")
+    assert not new.exists()                                             # checked, but nothing created
+    monkeypatch.undo()
+    assert run_cli(*cli(tiny_dir, "opt", "--method", "magnitude", "--eval", "none", "--json-out",
+                        new / "j" / "r.json"))[0] == 0
+    assert (new / "j" / "r.json").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model", "./no-such-model", ": no such folder"),
+    ("--model", "/no/such/model", ": no such folder"),
+    ("--model", "~/no-such-model", ": no such folder"),
+    ("--model", "no/such/model", ": no such folder"),                  # owner/name/...: not a hub name
+    ("--model", "models/opt-mini", ": no such folder"),                # models/ exists here: a local path
+    ("--eval", "wikitxt2", " is neither wikitext2, c4, none nor a text file"),
+])
+def test_a_path_that_does_not_exist_is_named_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, flag, value,
+                                                                    message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    stop_before_the_model(monkeypatch)
+    args = cli(tiny_dir, "opt")
+    args[args.index(flag) + 1] = value
+    one_line_error(*run_cli(*args)[::2], f"{flag} '{value}'{message}")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_in_a_folder_that_takes_no_files_gives_the_real_reason(tiny_dir, monkeypatch):
+    no_work(monkeypatch)
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--json-out", "/proc/x.json"))[::2],
+                   "the folder exists, but creating a file in it fails")
+
+
+def test_load_evaluates_at_the_states_seqlen_or_warns_when_it_is_not_recorded(tiny_dir, saved_state, tmp_path):
+    out = tmp_path / "r.json"
+    args = cli(tiny_dir, "opt", "--load", saved_state, "--sparsities", "0.5", "--json-out", out, "--overwrite")
+    del args[args.index("--seqlen"):args.index("--seqlen") + 2]
+    code, _, err = run_cli(*args)
+    assert code == 0 and json.loads(out.read_text())["config"]["seqlen"] == 16 and "seqlen" not in err
+    tensors, header = epts._read(str(saved_state))
+    del header["seqlen"]
+    epts._write(str(tmp_path / "older.safetensors"), tensors, header)  # a state that does not record its seqlen
+    args[args.index("--load") + 1] = tmp_path / "older.safetensors"
+    code, _, err = run_cli(*args)
+    assert code == 0 and "does not record its --seqlen; evaluating at 64 tokens" in err
+
+
+def test_float16_on_the_cpu_warns_in_one_line(tiny_dir, monkeypatch):
+    stop_before_the_model(monkeypatch)
+    err = run_cli(*cli(tiny_dir, "opt", "--dtype", "float16"))[2]
+    assert [l for l in err.splitlines() if "float16" in l] == [
+        "warning: --dtype float16 on the CPU is very slow (few CPU kernels are fast in fp16): float32, the CPU's "
+        "default, takes a fraction of the time"]
+
+
+def test_ctrl_c_after_save_says_the_state_is_saved_and_load_continues(tiny_dir, tmp_path, monkeypatch):
+    art = tmp_path / "a.safetensors"
+    art.write_bytes(b"the state of an earlier run")
+    interrupt_at_block(monkeypatch, 0)                                  # before this run saved anything ...
+    code, _, err = run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--save", art, "--overwrite"))
+    assert code == 130 and "--load" not in err                          # ... the earlier file is not offered
+    monkeypatch.undo()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(epts, "perplexity", ctrl_c)                     # Ctrl-C in the evaluation, after --save
+    code, _, err = run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--save", art, "--overwrite"))
+    assert code == 130 and f"saved in '{art}'" in err and f"--load {art} instead of --save" in err
