@@ -2054,7 +2054,9 @@ def check_inputs(args: argparse.Namespace, device: torch.device) -> dict:
     name = args.model
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (
         "/" in name and os.path.exists(name.split("/")[0]))
-    if looks_local and not os.path.exists(os.path.expanduser(name)):
+    if name.endswith(".gguf"):
+        gguf_source(name)  # a missing or foreign local file, now
+    elif looks_local and not os.path.exists(os.path.expanduser(name)):
         raise EPTSError(f"--model '{name}': no such folder (a hub model is named owner/name)")
     for e in args.eval:
         if e not in ("wikitext2", "c4", "none") and not os.path.isfile(e):
