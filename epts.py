@@ -1015,7 +1015,7 @@ def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
             block.to(home, home_dtype)
 
 
-# 10. Sparsity patterns (N:M) and dense weights ----------------------------------------------------------------
+# 10. Sparsity patterns (N:M), dense weights, 2:4 kernels where they are faster -------------------------------------
 
 def pattern(sparsity: float | str) -> tuple[float, int | None]:
     """A sparsity as (fraction pruned, M): 0.5 -> (0.5, None) unstructured; "2:4" -> (0.5, 4), N of every M."""
@@ -1043,6 +1043,229 @@ def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module
     """Put the dense weights of `snapshot_linears` back."""
     for key, lin in pruned_linears(model).items():
         lin.weight.copy_(dense[key])
+    return model
+
+
+# 2:4 kernels: cuSPARSELt where a timed probe finds it faster, the dense weight everywhere else.
+
+SPARSE24_TOL = 2e-2  # max |2:4 - dense| / max |dense| of the probe: both kernels round to bf16/fp16, in other orders
+
+
+class Sparse24Linear(nn.Linear):
+    """An nn.Linear with a 2:4 weight that runs inputs of at least `min_tokens` rows through cuSPARSELt.
+
+    It holds the original module's weight and bias Parameters (the state_dict is unchanged) and `packed`,
+    cuSPARSELt's compressed copy of the weight, made once here: `unsparse24` before changing the weight. An input
+    takes the 2:4 kernel when it has at least `min_tokens` rows (the break-even `sparse24` measured: decode steps
+    stay below it), the packed copy's device and dtype, a contiguous layout and no autograd to record; every other
+    input, and any call cuSPARSELt refuses, runs nn.Linear's own F.linear on the dense weight: exactly the
+    unswapped module. `calls` counts both paths.
+    """
+
+    def __init__(self, linear: nn.Linear, min_tokens: int, config: dict | None = None):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters, no copy
+        self.register_buffer("packed", torch._cslt_compress(linear.weight.detach().contiguous()), persistent=False)
+        self.min_tokens, self.config, self.calls = min_tokens, dict(config or {}), {"2:4": 0, "dense": 0}
+
+    def sparse_mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d [tokens, in] -> x2d W^T + b [tokens, out] in one cuSPARSELt call; raises where cuSPARSELt refuses it.
+
+        `transpose_result` writes x W^T row-major: the contiguous layout every later op wants (returning the view
+        (W x^T)^T instead sends attention and every elementwise op onto slow strided paths). The operand is always
+        the column-major x2d^T, so a config searched for it stays valid."""
+        tokens, pad = x2d.shape[0], -x2d.shape[0] % 8  # cuSPARSELt takes multiples of 8 rows: zero rows, cut off
+        xt = (nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d).t()
+        return torch._cslt_sparse_mm(self.packed, xt, self.bias, transpose_result=True, **self.config)[:tokens]
+
+    def runs_24(self, x: torch.Tensor) -> bool:
+        """Whether x takes the 2:4 kernel (see the class docstring)."""
+        return (x.numel() >= self.min_tokens * self.in_features and x.shape[-1] == self.in_features
+                and x.dtype == self.packed.dtype and x.device == self.packed.device and x.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_24(x):
+            try:
+                y = self.sparse_mm(x.view(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+                self.calls["2:4"] += 1
+                return y
+            except RuntimeError:  # a size or config cuSPARSELt has no kernel for: the dense path below
+                pass
+        self.calls["dense"] += 1
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, 2:4 from {self.min_tokens} tokens, config={self.config}"
+
+
+@dataclass
+class Sparse24Report:
+    """What `sparse24` did to each pruned linear ("<block index>.<name in block>")."""
+
+    tokens: int                                                 # the tokens per forward the probes timed
+    swapped: dict[str, float] = field(default_factory=dict)     # -> measured speed-up over dense at `tokens`
+    min_tokens: dict[str, int] = field(default_factory=dict)    # -> break-even: fewer tokens per call run dense
+    kept: dict[str, str] = field(default_factory=dict)          # -> why it stays a dense nn.Linear
+    fallback_bytes: int = 0  # the dense weights the swapped linears keep for the fallback
+    packed_bytes: int = 0    # their compressed copies, on top
+
+    def summary(self) -> str:
+        """One or two lines: what was swapped, at which speed-ups and break-evens, why the rest was not, memory."""
+        text = (f"sparse24 at {self.tokens} tokens per forward: {len(self.swapped)} of "
+                f"{len(self.swapped) + len(self.kept)} linears swapped")
+        if self.swapped:
+            s, m = self.swapped.values(), self.min_tokens.values()
+            text += (f" ({min(s):.2f}-{max(s):.2f}x; 2:4 from {min(m)}-{max(m)} tokens per call, dense below), "
+                     f"keeping {self.fallback_bytes / 2**20:.1f} MiB of dense weights for the fallback "
+                     f"(+{self.packed_bytes / 2**20:.1f} MiB packed)")
+        why: dict[str, int] = {}
+        for reason in self.kept.values():
+            why[reason] = why.get(reason, 0) + 1
+        return text + ("\nkept dense: " + "; ".join(f"{n} x {r}" for r, n in why.items()) if why else "")
+
+
+def cusparselt_missing(device: torch.device) -> str | None:
+    """Why cuSPARSELt cannot run on `device`, or None: it needs a CUDA GPU with sparse tensor cores (compute
+    capability 8.0+) and a torch built with cuSPARSELt."""
+    if device.type != "cuda":
+        return f"the model is on {device.type}; the 2:4 kernels run on CUDA GPUs"
+    if not torch.backends.cusparselt.is_available():
+        return "this torch has no cuSPARSELt"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"{torch.cuda.get_device_name(device)} has no sparse tensor cores (compute capability < 8.0)"
+    return None
+
+
+def sparse24_refusal(lin: nn.Linear, device: torch.device) -> str | None:
+    """Why cuSPARSELt cannot hold this linear, or None. It takes fp16/bf16 (fp32 would run as TF32: not the dense
+    model's numbers), sizes that are multiples of 16 (torch's constraint for cuSPARSELt), and at most 2 non-zeros in
+    every 4 consecutive inputs of a row (compression would drop the others)."""
+    W = lin.weight.detach()
+    if W.dtype not in (torch.float16, torch.bfloat16):
+        return f"{str(W.dtype).replace('torch.', '')} weights (cuSPARSELt runs fp16 and bf16)"
+    if lin.out_features % 16 or lin.in_features % 16:
+        return "sizes not multiples of 16"
+    if W.device != device:
+        return f"on {W.device}, not {device}"
+    if ((W.view(W.shape[0], -1, 4) != 0).sum(-1) > 2).any():
+        return "not 2:4 sparse (export with --export-sparsity 2:4)"
+    return None
+
+
+def seconds_per_call(fn: Callable, label: tuple, device: torch.device, calls: int = 10) -> float:
+    """sparse24's timer: seconds per call of fn(), the median of 3 runs of `calls` back-to-back calls after 3
+    warm-up calls. Back-to-back, host and GPU time overlap as inside a forward, so cuSPARSELt's per-call host work
+    (it builds its plan on every call) counts where it is not hidden. `label` says what is timed (unused here)."""
+    clock, runs = Stopwatch(device), []
+    for _ in range(3):
+        fn()
+    for _ in range(3):
+        clock.lap()
+        for _ in range(calls):
+            fn()
+        runs.append(clock.lap() / calls)
+    return sorted(runs)[1]
+
+
+def cslt_configs(layer: Sparse24Linear, x2d: torch.Tensor) -> list[dict]:
+    """cuSPARSELt's default config and, where this torch can search, the one it finds fastest for this call."""
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    try:  # (alg_id, split_k, split_k_mode, max alg_id), for the call sparse_mm makes
+        alg, split_k, mode, _ = search(layer.packed, x2d.t(), layer.bias, None, None, True)
+    except (RuntimeError, TypeError, ValueError):  # no search in this torch, or none for this call
+        return [{}]
+    return [{}, dict(alg_id=int(alg), split_k=int(split_k), split_k_mode=int(mode))]
+
+
+@torch.no_grad()
+def probe24(lin: nn.Linear, tokens: int, timer: Callable, margin: float) -> dict:
+    """Time one linear's dense matmul against its 2:4 matmul (the faster config) on `tokens` random rows, then on
+    half as many while 2:4 stays faster. Returns {speedup, min_tokens, config}, or {refused: why}."""
+    out, inp = lin.weight.shape
+    gen = torch.Generator(lin.weight.device).manual_seed(0)  # a generator of its own: the caller's RNG is untouched
+    x = torch.randn(tokens, inp, generator=gen, device=lin.weight.device, dtype=lin.weight.dtype)
+
+    def dense(n: int) -> float:
+        return timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))
+    try:
+        layer, ref = Sparse24Linear(lin, tokens), nn.functional.linear(x, lin.weight, lin.bias)
+        err = float((layer.sparse_mm(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if not err <= SPARSE24_TOL:
+            return dict(refused=f"wrong results from cuSPARSELt (rel. error {err:.1e})")
+        timed = []
+        for config in cslt_configs(layer, x):
+            layer.config = config
+            try:
+                layer.sparse_mm(x)
+            except (RuntimeError, TypeError):  # a searched config this call (or this torch) does not take
+                continue
+            timed.append((timer(lambda: layer.sparse_mm(x), ("2:4", out, inp, tokens)), len(timed), config))
+    except RuntimeError as e:
+        return dict(refused=f"cuSPARSELt refused {out}x{inp}: {str(e).strip().splitlines()[0][:80]}")
+    if not timed:
+        return dict(refused=f"cuSPARSELt refused every config for {out}x{inp}")
+    t24, _, layer.config = min(timed)
+    speedup, smallest, n = dense(tokens) / t24, tokens, tokens // 2
+    if speedup < margin:
+        return dict(refused=f"not {margin:.2f}x faster at {tokens} tokens ({out}x{inp}: {speedup:.2f}x)")
+    while n >= 16:
+        try:
+            if timer(lambda: layer.sparse_mm(x[:n]), ("2:4", out, inp, n)) >= dense(n):
+                break
+        except RuntimeError:  # refused at this size: the break-even lies above
+            break
+        smallest, n = n, n // 2
+    return dict(speedup=speedup, min_tokens=smallest, config=layer.config)
+
+
+def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margin: float = 1.05) -> Sparse24Report:
+    """Swap, in place, every pruned linear of a 2:4 model that cuSPARSELt runs faster for a Sparse24Linear.
+
+    `tokens`: the tokens per forward you will run (prefill batches, e.g. 8 x 2048 = 16384). A linear is swapped
+    when (1) cuSPARSELt can hold it (`sparse24_refusal`) and (2) a timed probe at `tokens` rows finds its 2:4
+    matmul at least `margin` times as fast as the dense one. The probe then halves the rows while 2:4 stays faster:
+    below that break-even (decode steps, short prompts) the layer runs its dense weight. Inputs larger than
+    `tokens` take the 2:4 kernel. One probe per distinct weight shape and dtype: the kernels' time depends on the
+    shape, not the values. `timer(fn, label)` returns seconds per call of fn(), label = ("dense" | "2:4", out, in,
+    tokens) (default: `seconds_per_call`). On the CPU, or without cuSPARSELt, the model stays as it is, with one
+    warning. Run the model under torch.no_grad() or inference_mode(): with autograd on, every call runs dense.
+    `unsparse24` undoes the swap. Returns a Sparse24Report.
+    """
+    if tokens < 16:
+        raise EPTSError(f"sparse24: tokens is the token count of a prefill forward (at least 16), got {tokens}")
+    linears, report = pruned_linears(model), Sparse24Report(tokens)
+    device = next(iter(linears.values())).weight.device
+    missing = cusparselt_missing(device)
+    if missing:
+        warnings.warn(f"sparse24: {missing}; the model is unchanged", stacklevel=2)
+        report.kept = dict.fromkeys(linears, missing)
+        return report
+    timer, probes = timer or functools.partial(seconds_per_call, device=device), {}
+    for key, lin in linears.items():
+        why, shape = sparse24_refusal(lin, device), (*lin.weight.shape, lin.weight.dtype, lin.bias is not None)
+        if why is None:
+            if shape not in probes:
+                probes[shape] = probe24(lin, tokens, timer, margin)
+            why = probes[shape].get("refused")
+        if why:
+            report.kept[key] = why
+            continue
+        layer = Sparse24Linear(lin, probes[shape]["min_tokens"], probes[shape]["config"])
+        swap_module(model, f"{arch_of(model)[0]}.{key}", layer)
+        report.swapped[key], report.min_tokens[key] = probes[shape]["speedup"], layer.min_tokens
+        report.fallback_bytes += lin.weight.numel() * lin.weight.element_size()
+        report.packed_bytes += layer.packed.numel() * layer.packed.element_size()
+    return report
+
+
+def unsparse24(model: nn.Module) -> nn.Module:
+    """Undo `sparse24`: every Sparse24Linear back to a plain nn.Linear holding the same weight and bias."""
+    for key, lin in pruned_linears(model).items():
+        if isinstance(lin, Sparse24Linear):
+            plain = nn.Linear(lin.in_features, lin.out_features, lin.bias is not None, device="meta")
+            plain.weight, plain.bias = lin.weight, lin.bias
+            swap_module(model, f"{arch_of(model)[0]}.{key}", plain)
     return model
 
 
@@ -1701,10 +1924,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
                         f"{RECIPES['tuned']['rank']} with --recipe tuned)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
+    p.add_argument("--sparsities", type=fraction_arg, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
     p.add_argument("--pattern", default="unstructured", type=pattern_arg,
                    help="unstructured, or N:M (e.g. 2:4, 4:8: N of every M consecutive inputs pruned, what GPU "
                         "sparse tensor cores run); N:M evaluates that pattern instead of --sparsities")
+    p.add_argument("--sparse24", action="store_true", help="with --pattern 2:4, on CUDA: evaluate the 2:4 row with the "
+                   "linears that cuSPARSELt runs faster swapped in (epts.sparse24) and print its report")
     p.add_argument("--method", choices=METHODS, default="epts",
                    help="epts: one elastic run for all sparsities; dedicated: one EPTS-style run per sparsity; "
                         "wanda / sparsegpt / magnitude: one pruning per sparsity")
@@ -1745,6 +1970,17 @@ def sparsity_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"invalid sparsity '{text}': a number or N:M") from e
 
 
+def fraction_arg(text: str) -> float:
+    """--sparsities: a number; an N:M pattern gets a hint to use --pattern."""
+    if ":" in text:
+        raise argparse.ArgumentTypeError(f"'{text}' is an N:M pattern: use --pattern {text} (--sparsities takes "
+                                         "fractions such as 0.5)")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
+
+
 def nm_arg(text: str) -> str:
     """An N:M pattern (--nm-train)."""
     if not isinstance(sparsity_arg(text), str):
@@ -1782,6 +2018,9 @@ def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, flo
     its top group deploys the mask alone (as the authors' code), with a warning (`warn_above`)."""
     if args.pattern != "unstructured" and args.schedule != "uniform":
         raise EPTSError("--pattern N:M puts one pattern in every block: use it with --schedule uniform")
+    if args.sparse24 and args.pattern != "2:4":
+        raise EPTSError("--sparse24 runs the 2:4 row through the 2:4 kernels: use it with --pattern 2:4 (an exported "
+                        "2:4 model: --method magnitude --pattern 2:4 keeps its weights)")
     asked = [pattern(s)[0] for s in list(schedule or targets_of(args)) + (
         [args.export_sparsity] if args.export_sparsity is not None else [])]
     for s in asked:
@@ -2096,8 +2335,13 @@ def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict
     """Dense perplexity, then the method at every sparsity; each table row printed when it is ready."""
     def evaluate(sparsity: float) -> dict[str, float]:
         model.to(how["device"])
+        if args.sparse24 and sparsity == "2:4":  # swapped for this row only: the next sparsify writes the weights
+            report = sparse24(model, args.eval_batch_size * seqlen)
+            result["sparse24"] = asdict(report)
+            print(report.summary(), flush=True)
         ppl = {e: perplexity(model, t, seqlen, how["device"], args.eval_batch_size, not args.quiet,
                              desc=f"ppl {os.path.basename(e.rstrip('/')) or e} s={sparsity}") for e, t in tokens.items()}
+        unsparse24(model)
         if args.method != "epts":
             model.cpu()  # the pruning loops keep the model where it was loaded and move one block at a time
         return ppl

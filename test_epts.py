@@ -1618,3 +1618,185 @@ def test_ctrl_c_after_save_says_the_state_is_saved_and_load_continues(tiny_dir, 
     monkeypatch.setattr(epts, "perplexity", ctrl_c)                     # Ctrl-C in the evaluation, after --save
     code, _, err = run_cli(*cli(tiny_dir, "opt", "--epochs", "1", "--save", art, "--overwrite"))
     assert code == 130 and f"saved in '{art}'" in err and f"--load {art} instead of --save" in err
+
+# ---------------------------------------------------------------------------------------------- 2:4 kernels (sparse24)
+
+def tiny_24(arch: str = "llama") -> torch.nn.Module:
+    """A tiny model pruned to 2:4 by magnitude, in bf16 (cuSPARSELt's dtype)."""
+    model = tiny_model(arch)
+    epts.prune_magnitude(model, "2:4")
+    return model.to(torch.bfloat16)
+
+
+@pytest.fixture
+def fake_cusparselt(monkeypatch):
+    """cuSPARSELt on the CPU: "compression" keeps the weight, the matmul is F.linear; records each call's tokens."""
+    calls = []
+
+    def sparse_mm(packed, xt, bias=None, transpose_result=False, **config):
+        assert transpose_result and xt.stride() == (1, xt.shape[0])  # x^T column-major, ld = in; out x W^T + b
+        calls.append(xt.shape[1])
+        return torch.nn.functional.linear(xt.t(), packed, bias)
+    monkeypatch.setattr(epts, "cusparselt_missing", lambda device: None)
+    monkeypatch.setattr(torch, "_cslt_compress", lambda W: W.clone())
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
+    return calls
+
+
+def made_up_timer(rules: dict, seen: list | None = None):
+    """A timer that runs fn once and returns made-up seconds: dense 1.0, 2:4 rules[(out, in)](tokens)."""
+    def timer(fn, label, device=None):
+        fn()
+        if seen is not None:
+            seen.append(label)
+        kind, out, inp, n = label
+        return 1.0 if kind == "dense" else rules[(out, inp)](n)
+    return timer
+
+
+def test_sparse24_swaps_only_what_its_probe_finds_faster_and_runs_dense_below_the_break_even(fake_cusparselt):
+    model = tiny_24()                            # q/o 32x32, k/v 16x32, gate/up 64x32, down 32x64 (out x in)
+    with torch.no_grad():
+        epts.decoder_blocks(model)[1].mlp.up_proj.weight.fill_(0.01)   # not 2:4: never swapped, whatever the speed
+    ref, seen = copy.deepcopy(model), []
+    timer = made_up_timer({(64, 32): lambda n: 0.5 if n >= 64 else 2.0,   # 2x faster from 64 tokens on
+                           (16, 32): lambda n: 0.8,                        # 1.25x at every size
+                           (32, 32): lambda n: 1.5,                        # slower
+                           (32, 64): lambda n: 0.97}, seen)                # 3% faster: below the 5% margin
+    report = epts.sparse24(model, 256, timer=timer)
+    swapped = {f"{i}.{n}" for i in (0, 1) for n in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                                     "self_attn.v_proj")} - {"1.mlp.up_proj"}
+    assert set(report.swapped) == swapped
+    assert {k: (report.swapped[k], report.min_tokens[k]) for k in swapped} == {
+        k: (2.0, 64) if "mlp" in k else (1.25, 16) for k in swapped}
+    assert "not 2:4" in report.kept["1.mlp.up_proj"] and "0.67x" in report.kept["0.self_attn.q_proj"]
+    assert "1.03x" in report.kept["1.mlp.down_proj"] and len(report.kept) == 14 - len(swapped)
+    assert sum(label[0] == "dense" and label[3] == 256 for label in seen) == 4       # one probe per shape
+    lins = epts.pruned_linears(model)
+    assert report.fallback_bytes == sum(lins[k].weight.numel() * 2 for k in swapped)
+    assert all(isinstance(lins[k], epts.Sparse24Linear) == (k in swapped) for k in lins)
+    assert "7 of 14 linears swapped" in report.summary() and "not 2:4" in report.summary()
+    fake_cusparselt.clear()
+    with torch.no_grad():
+        for batch, seqlen, expected in ((1, 8, []), (4, 12, [48] * 4), (4, 32, [128] * 7)):
+            ids = torch.randint(0, 64, (batch, seqlen), generator=torch.Generator().manual_seed(seqlen))
+            assert torch.equal(model(ids).logits, ref(ids).logits)          # the fake kernel is exact: so is all else
+            assert sorted(fake_cusparselt) == sorted(expected)  # 8 tokens: all dense; 48: only k/v (from 16 up)
+            fake_cusparselt.clear()
+        prompts = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+        tokens = model.generate(prompts, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(tokens, ref.generate(prompts, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert fake_cusparselt == [128] * 7                                     # the prefill; every decode step dense
+    assert lins["0.self_attn.k_proj"].calls == {"2:4": 3, "dense": 1 + 5}   # 48, 128 and the prefill; 8 and 5 steps
+
+
+def test_sparse24_layer_falls_back_to_the_dense_weight_never_to_an_exception(fake_cusparselt, monkeypatch):
+    lin = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    layer = epts.Sparse24Linear(lin, min_tokens=16)
+    x = torch.randn(4, 8, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), lin(x)) and layer.calls == {"2:4": 1, "dense": 0}
+        wide = torch.randn(4, 8, 48, dtype=torch.bfloat16)[..., :32]          # rows 48 apart: x.view works, ld != in
+        for other in (x[:1, :3], x.transpose(0, 1), wide, x[:1, :1]):        # 3 rows, strided x2, 1 row (decode)
+            assert torch.equal(layer(other), lin(other))
+    assert torch.equal(layer(x), lin(x))                                    # autograd on: the dense path
+    assert layer.calls == {"2:4": 1, "dense": 5}
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not supported when calling cusparseLtDenseDescriptorInit")
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", refuse)
+    with torch.no_grad():
+        assert torch.equal(layer(x), lin(x)) and layer.calls["dense"] == 6
+    assert epts.sparse24_refusal(torch.nn.Linear(32, 16), torch.device("cpu")).startswith("float32")
+    assert "multiples of 16" in epts.sparse24_refusal(torch.nn.Linear(32, 20).bfloat16(), torch.device("cpu"))
+
+
+def test_sparse24_without_cuda_changes_nothing_and_warns_once(monkeypatch):
+    model = tiny_24()
+    ref, ids = copy.deepcopy(model), torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = epts.sparse24(model, 16384)
+    assert len(caught) == 1 and "sparse24: the model is on cpu" in str(caught[0].message)
+    assert all(type(lin) is torch.nn.Linear for lin in epts.pruned_linears(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert not report.swapped and len(report.kept) == 14 and "0 of 14 linears swapped" in report.summary()
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    assert epts.cusparselt_missing(torch.device("cuda")) == "this torch has no cuSPARSELt"
+
+
+def test_cli_sparse24_evaluates_the_2of4_row_through_the_swap_and_needs_the_pattern(tiny_dir, tmp_path, monkeypatch,
+                                                                                     fake_cusparselt):
+    base = cli(tiny_dir, "llama", "--method", "magnitude", "--pattern", "2:4", "--dtype", "bfloat16")
+    monkeypatch.setattr(epts, "seconds_per_call", made_up_timer({(32, 32): lambda n: 0.5, (16, 32): lambda n: 2.0,
+                                                                 (64, 32): lambda n: 0.5, (32, 64): lambda n: 0.5}))
+    runs = {}
+    for extra in ((), ("--sparse24",)):
+        out = tmp_path / f"{len(extra)}.json"
+        code, printed, err = run_cli(*base, *extra, "--json-out", out)
+        assert code == 0, err
+        runs[extra] = json.loads(out.read_text())
+    report = runs[("--sparse24",)]["sparse24"]
+    assert len(report["swapped"]) == 10 and set(report["kept"]) == {f"{i}.self_attn.{n}_proj" for i in (0, 1)
+                                                                       for n in "kv"}
+    assert "10 of 14 linears swapped" in printed and fake_cusparselt                  # the 2:4 row ran through it
+    assert runs[()]["results"][0]["ppl"] == runs[("--sparse24",)]["results"][0]["ppl"]
+    no_work(monkeypatch)
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--sparsities", "2:4"))[::2], "use --pattern 2:4")
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--sparse24"))[::2], "use it with --pattern 2:4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse24_on_cuda_swaps_runs_and_generates_the_unswapped_tokens():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    epts.prune_magnitude(model.eval(), "2:4")
+    model.to("cuda", torch.bfloat16)
+    if epts.cusparselt_missing(torch.device("cuda")):
+        pytest.skip(epts.cusparselt_missing(torch.device("cuda")))
+    short, long = (torch.randint(0, 512, shape, device="cuda") for shape in ((3, 8), (4, 64)))
+    generate = lambda ids: model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,  # noqa: E731
+                                          pad_token_id=0)
+    with torch.no_grad():
+        ref = [model(short).logits, model(long).logits, generate(short)]
+        report = epts.sparse24(model, 4096)                  # the real probe: swaps only what it measured faster
+        assert all(s >= 1.05 and 16 <= report.min_tokens[k] <= 4096 for k, s in report.swapped.items())
+        epts.unsparse24(model)
+        assert all(type(lin) is torch.nn.Linear for lin in epts.pruned_linears(model).values())
+        # the real kernels behind a timer that calls 2:4 twice as fast from 64 tokens on: all 14 swapped
+        report = epts.sparse24(model, 256, timer=made_up_timer({s: (lambda n: 0.5 if n >= 64 else 2.0) for s in
+                                                                [(256, 256), (128, 256), (512, 256), (256, 512)]}))
+        layers = list(epts.pruned_linears(model).values())
+        assert len(report.swapped) == 14 and set(report.min_tokens.values()) == {64}
+        assert torch.equal(model(short).logits, ref[0])                    # 24 tokens: the dense path, bit for bit
+        assert all(layer.calls["2:4"] == 0 for layer in layers)
+        logits = model(long).logits                                       # 256 tokens: the 2:4 kernel
+        assert all(layer.calls["2:4"] == 1 for layer in layers)
+        assert float((logits - ref[1]).abs().max() / ref[1].abs().max()) < 5e-2
+        assert torch.equal(generate(short), ref[2])                         # prefill and decode below 64: dense
+        out = generate(long)                                              # prefill 2:4, 12 decode steps dense
+        assert out.shape == (4, 76) and all(layer.calls["2:4"] == 2 for layer in layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse24_layer_on_cuda_runs_dense_below_its_break_even_and_2of4_above():
+    if epts.cusparselt_missing(torch.device("cuda")):
+        pytest.skip(epts.cusparselt_missing(torch.device("cuda")))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.mul_(epts.mask_from_ranks(epts.nm_ranks(lin.weight.abs().float(), 4), 0.5))  # 2:4
+        layer = epts.Sparse24Linear(lin, min_tokens=128)
+        for tokens, path in ((1, "dense"), (3, "dense"), (127, "dense"), (128, "2:4"), (131, "2:4"), (2048, "2:4")):
+            x = torch.randn(1, tokens, 512, device="cuda", dtype=torch.bfloat16)
+            before = dict(layer.calls)
+            y, ref = layer(x), lin(x)
+            assert layer.calls[path] == before[path] + 1 and y.shape == ref.shape and y.is_contiguous()
+            if path == "dense":
+                assert torch.equal(y, ref)                                   # the unswapped module, bit for bit
+            else:
+                assert float((y - ref).abs().max() / ref.abs().max()) < 2e-2
+        strided = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+        assert torch.equal(layer(strided), lin(strided)) and layer.calls["dense"] == 4  # 2048 rows, strided: dense
