@@ -994,7 +994,9 @@ class Runtime(PlainRuntime):
         with self.autocast(device_of(block)):
             if self.low_memory:
                 return backward_by_group(self, block, layers, x, y, kwargs, slices, x_dense)
-            return PlainRuntime.phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense)
+            loss, per_group = phase1_objective(self.forward_groups(block, layers, x, kwargs, slices, x_dense), y)
+        loss.backward()  # outside autocast, as torch recommends: the backward runs in the forward's dtypes
+        return per_group
 
     def weight_fn(self, weight, ranks, A, B, sparsity, chain, frozen=None) -> torch.Tensor:
         """elastic_weight with its masked merge fused in Phase 1 on the GPU (fused_merge)."""
