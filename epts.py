@@ -843,7 +843,8 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
             k = NO_ADAPTER if k == 0 and gain0 == 0 else k
             A, B = (t.to(W.device) for t in state.adapters[key])
             ranks = ranks_for(wanda_scores(W, state.act_norms[key].to(W.device)), per_block[i])
-            one = slices_of(torch.tensor([s], dtype=torch.float64, device=W.device), torch.tensor([k], device=W.device), K)
+            s_k = torch.tensor([s], dtype=torch.float64, device=W.device)
+            one = slices_of(s_k, torch.tensor([k], device=W.device), K)
             one = tuned_slices(one, state.groups[0][1], state.group0_ramp, gain0 or 1.0)  # the paper: unchanged
             W = elastic_weight(W, ranks, A, B, one.sparsity, one.chain)[0]
         lin.weight.copy_(W.to(lin.weight.dtype))
@@ -1163,13 +1164,10 @@ SPARSE24_TOL = 2e-2  # max |2:4 - dense| / max |dense| of the probe: both kernel
 class Sparse24Linear(nn.Linear):
     """An nn.Linear with a 2:4 weight that runs inputs of at least `min_tokens` rows through cuSPARSELt.
 
-    It holds the original module's weight and bias Parameters (the state_dict is unchanged) and `packed`,
-    cuSPARSELt's compressed copy of the weight, made once here: `unsparse24` before changing the weight. An input
-    takes the 2:4 kernel when it has at least `min_tokens` rows (the break-even `sparse24` measured: decode steps
-    stay below it), the packed copy's device and dtype, a contiguous layout and no autograd to record; every other
-    input, and any call cuSPARSELt refuses, runs nn.Linear's own F.linear on the dense weight: exactly the
-    unswapped module. `calls` counts both paths.
-    """
+    It holds the original weight and bias Parameters (same state_dict) plus `packed`, cuSPARSELt's compressed
+    copy (`unsparse24` before changing the weight). Smaller inputs (decode steps), other dtypes or devices,
+    strided inputs, autograd, and any call cuSPARSELt refuses run F.linear on the dense weight, exactly the
+    unswapped module. `calls` counts both paths."""
 
     def __init__(self, linear: nn.Linear, min_tokens: int, config: dict | None = None):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
@@ -1178,17 +1176,13 @@ class Sparse24Linear(nn.Linear):
         self.min_tokens, self.config, self.calls = min_tokens, dict(config or {}), {"2:4": 0, "dense": 0}
 
     def sparse_mm(self, x2d: torch.Tensor) -> torch.Tensor:
-        """x2d [tokens, in] -> x2d W^T + b [tokens, out] in one cuSPARSELt call; raises where cuSPARSELt refuses it.
-
-        `transpose_result` writes x W^T row-major: the contiguous layout every later op wants (returning the view
-        (W x^T)^T instead sends attention and every elementwise op onto slow strided paths). The operand is always
-        the column-major x2d^T, so a config searched for it stays valid."""
-        tokens, pad = x2d.shape[0], -x2d.shape[0] % 8  # cuSPARSELt takes multiples of 8 rows: zero rows, cut off
+        """x2d [tokens, in] -> x2d W^T + b in one cuSPARSELt call, written row-major (transpose_result: a strided
+        (W x^T)^T sends every later op onto slow paths). Rows padded to a multiple of 8, as cuSPARSELt needs."""
+        tokens, pad = x2d.shape[0], -x2d.shape[0] % 8
         xt = (nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d).t()
         return torch._cslt_sparse_mm(self.packed, xt, self.bias, transpose_result=True, **self.config)[:tokens]
 
     def runs_24(self, x: torch.Tensor) -> bool:
-        """Whether x takes the 2:4 kernel (see the class docstring)."""
         return (x.numel() >= self.min_tokens * self.in_features and x.shape[-1] == self.in_features
                 and x.dtype == self.packed.dtype and x.device == self.packed.device and x.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
@@ -1220,23 +1214,19 @@ class Sparse24Report:
     packed_bytes: int = 0    # their compressed copies, on top
 
     def summary(self) -> str:
-        """One or two lines: what was swapped, at which speed-ups and break-evens, why the rest was not, memory."""
-        text = (f"sparse24 at {self.tokens} tokens per forward: {len(self.swapped)} of "
-                f"{len(self.swapped) + len(self.kept)} linears swapped")
+        n = len(self.swapped) + len(self.kept)
+        text = f"sparse24 at {self.tokens} tokens per forward: {len(self.swapped)} of {n} linears swapped"
         if self.swapped:
             s, m = self.swapped.values(), self.min_tokens.values()
-            text += (f" ({min(s):.2f}-{max(s):.2f}x; 2:4 from {min(m)}-{max(m)} tokens per call, dense below), "
-                     f"keeping {self.fallback_bytes / 2**20:.1f} MiB of dense weights for the fallback "
+            text += (f" ({min(s):.2f}-{max(s):.2f}x; 2:4 from {min(m)}-{max(m)} tokens per call, dense below), keeping "
+                     f"{self.fallback_bytes / 2**20:.1f} MiB of dense weights for the fallback "
                      f"(+{self.packed_bytes / 2**20:.1f} MiB packed)")
-        why: dict[str, int] = {}
-        for reason in self.kept.values():
-            why[reason] = why.get(reason, 0) + 1
+        why = {r: list(self.kept.values()).count(r) for r in dict.fromkeys(self.kept.values())}
         return text + ("\nkept dense: " + "; ".join(f"{n} x {r}" for r, n in why.items()) if why else "")
 
 
 def cusparselt_missing(device: torch.device) -> str | None:
-    """Why cuSPARSELt cannot run on `device`, or None: it needs a CUDA GPU with sparse tensor cores (compute
-    capability 8.0+) and a torch built with cuSPARSELt."""
+    """Why cuSPARSELt cannot run on `device` (a CUDA GPU of compute capability 8.0+, a torch built with it), or None."""
     if device.type != "cuda":
         return f"the model is on {device.type}; the 2:4 kernels run on CUDA GPUs"
     if not torch.backends.cusparselt.is_available():
@@ -1247,9 +1237,8 @@ def cusparselt_missing(device: torch.device) -> str | None:
 
 
 def sparse24_refusal(lin: nn.Linear, device: torch.device) -> str | None:
-    """Why cuSPARSELt cannot hold this linear, or None. It takes fp16/bf16 (fp32 would run as TF32: not the dense
-    model's numbers), sizes that are multiples of 16 (torch's constraint for cuSPARSELt), and at most 2 non-zeros in
-    every 4 consecutive inputs of a row (compression would drop the others)."""
+    """Why cuSPARSELt cannot hold this linear, or None: fp16/bf16 only (fp32 would run as TF32), sizes multiples of
+    16, at most 2 non-zeros in every 4 consecutive inputs of a row (compression would drop the others)."""
     W = lin.weight.detach()
     if W.dtype not in (torch.float16, torch.bfloat16):
         return f"{str(W.dtype).replace('torch.', '')} weights (cuSPARSELt runs fp16 and bf16)"
@@ -1263,9 +1252,8 @@ def sparse24_refusal(lin: nn.Linear, device: torch.device) -> str | None:
 
 
 def seconds_per_call(fn: Callable, label: tuple, device: torch.device, calls: int = 10) -> float:
-    """sparse24's timer: seconds per call of fn(), the median of 3 runs of `calls` back-to-back calls after 3
-    warm-up calls. Back-to-back, host and GPU time overlap as inside a forward, so cuSPARSELt's per-call host work
-    (it builds its plan on every call) counts where it is not hidden. `label` says what is timed (unused here)."""
+    """sparse24's timer: the median of 3 runs of `calls` back-to-back calls of fn() after 3 warm-ups, so host and
+    GPU time overlap as inside a forward (cuSPARSELt plans on every call). `label` says what is timed (unused)."""
     clock, runs = Stopwatch(device), []
     for _ in range(3):
         fn()
@@ -1294,7 +1282,6 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable, margin: float) -> dict
     out, inp = lin.weight.shape
     gen = torch.Generator(lin.weight.device).manual_seed(0)  # a generator of its own: the caller's RNG is untouched
     x = torch.randn(tokens, inp, generator=gen, device=lin.weight.device, dtype=lin.weight.dtype)
-
     def dense(n: int) -> float:
         return timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))
     try:
@@ -1331,15 +1318,11 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable, margin: float) -> dict
 def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margin: float = 1.05) -> Sparse24Report:
     """Swap, in place, every pruned linear of a 2:4 model that cuSPARSELt runs faster for a Sparse24Linear.
 
-    `tokens`: the tokens per forward you will run (prefill batches, e.g. 8 x 2048 = 16384). A linear is swapped
-    when (1) cuSPARSELt can hold it (`sparse24_refusal`) and (2) a timed probe at `tokens` rows finds its 2:4
-    matmul at least `margin` times as fast as the dense one. The probe then halves the rows while 2:4 stays faster:
-    below that break-even (decode steps, short prompts) the layer runs its dense weight. Inputs larger than
-    `tokens` take the 2:4 kernel. One probe per distinct weight shape and dtype: the kernels' time depends on the
-    shape, not the values. `timer(fn, label)` returns seconds per call of fn(), label = ("dense" | "2:4", out, in,
-    tokens) (default: `seconds_per_call`). On the CPU, or without cuSPARSELt, the model stays as it is, with one
-    warning. Run the model under torch.no_grad() or inference_mode(): with autograd on, every call runs dense.
-    `unsparse24` undoes the swap. Returns a Sparse24Report.
+    `tokens`: the tokens per forward you will run (e.g. prefill 8 x 2048 = 16384). A linear is swapped when
+    cuSPARSELt can hold it (`sparse24_refusal`) and a probe at `tokens` rows finds its 2:4 matmul `margin` times
+    as fast as dense; below the probe's break-even (decode steps) it runs dense. One probe per weight shape.
+    `timer(fn, label)` -> seconds per call (default `seconds_per_call`). On the CPU or without cuSPARSELt: no
+    change, one warning. Run under torch.no_grad() (with autograd every call runs dense); `unsparse24` undoes it.
     """
     if tokens < 16:
         raise EPTSError(f"sparse24: tokens is the token count of a prefill forward (at least 16), got {tokens}")
