@@ -36,6 +36,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -1146,6 +1147,116 @@ def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtim
     return replay
 
 
+# 9b. Many GPUs (torchrun): the sparsity groups split over ranks, the same adapters -----------------------------
+
+def world_size() -> int:
+    """torchrun's WORLD_SIZE; 1 (no process group) for `python epts.py`."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_rank() -> int:
+    """This process's rank; 0 without a process group."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def groups_by_rank(n_slices: int, world: int) -> list[list[int]]:
+    """The Phase-1 slices (group k is slice k; --nm-train's N:M slice is the last) each rank runs: r, r+W, ..."""
+    return [list(range(r, n_slices, world)) for r in range(world)]
+
+
+def start_ranks(device: torch.device, n_slices: int) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): a bad world size in one line, then the process group (NCCL on GPUs, gloo on
+    the CPU) and this rank's device, cuda:LOCAL_RANK. Nothing at all for one process."""
+    world, local = world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    if world == 1:
+        return device
+    if world > n_slices:
+        raise EPTSError(f"torchrun started {world} ranks, but Phase 1 has {n_slices} group slices to split: "
+                        f"use --nproc-per-node {n_slices} or fewer")
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        raise EPTSError(f"torchrun started {local} ranks on this machine, but it has {torch.cuda.device_count()} "
+                        "GPU(s): one GPU per rank, so --nproc-per-node at most that")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def end_ranks() -> int:
+    """After the optimization: the process group ends; returns the rank (ranks > 0 then stop, rank 0 goes on)."""
+    r = process_rank()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return r
+
+
+class DistributedRuntime(Runtime):
+    """Runtime under torchrun: rank r runs the slices r, r+W, r+2W, ... of every block call, with the same math.
+    Phase 1: rank 0 broadcasts sg(O_0), every rank backprops its own slices' losses of Eq. 3, and one all-reduce
+    sums the adapters' gradients and the per-group losses: one process's gradient, summed in another order, so
+    every rank takes the same Adam step. The no-grad passes (check, gain fit, Phase 2) all-gather the slices'
+    outputs, so every rank reads the same [G, ...] stack and ends each block with the same streams; the dense
+    targets (one dense forward) run on every rank. Eager steps: collectives inside a CUDA graph are untested."""
+
+    def owned(self, slices: Slices) -> Slices:
+        """This rank's slices r, r+W, ... (views, no copies)."""
+        r, W = process_rank(), world_size()
+        return Slices(**{k: None if v is None else v[r::W] for k, v in vars(slices).items()})
+
+    def forward_groups(self, block, layers, x, kwargs, slices, x_dense=None) -> torch.Tensor:
+        """O for the G slices: this rank's, then all-gathered in fp32 (the method reads them as fp32 anyway)."""
+        G, W, mine = len(slices), world_size(), self.owned(slices)
+        out = torch.zeros(-(-G // W), *x.shape, device=device_of(block))  # padded: all-gather needs equal parts
+        if len(mine):
+            out[:len(mine)] = super().forward_groups(block, layers, x, kwargs, mine, x_dense)
+        parts = [torch.empty_like(out) for _ in range(W)]
+        torch.distributed.all_gather(parts, out)
+        return torch.stack(parts, 1).flatten(0, 1)[:G]  # rank q's j-th slice is slice q + jW
+
+    def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
+        """Eq. 3 for this rank's slices (low_memory: one at a time), then one all-reduce; returns the losses [G]."""
+        dev, mine, losses, guide = device_of(block), self.owned(slices), [], None
+        for part in [mine[j] for j in range(len(mine))] if self.low_memory else [mine]:
+            with self.autocast(dev):
+                out = Runtime.forward_groups(self, block, layers, x, kwargs, part, x_dense)
+                if guide is None:  # slice 0 is rank 0's first: sg(O_0) for every rank
+                    guide = out[:1].detach().clone() if process_rank() == 0 else torch.empty_like(out[:1])
+                    torch.distributed.broadcast(guide, 0)
+                lead = process_rank() == 0 and not losses
+                loss, per_group = phase1_objective(out if lead else torch.cat([guide, out]), y)
+            loss.backward()
+            losses.append(per_group if lead else per_group[1:])
+        params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]
+                         + [torch.zeros(len(slices), device=dev)])
+        flat[len(flat) - len(slices) + process_rank()::world_size()] = torch.cat(losses)
+        torch.distributed.all_reduce(flat)
+        *grads, per_group = flat.split([p.numel() for p in params] + [len(slices)])
+        for p, g in zip(params, grads):
+            p.grad = g.view_as(p)
+        return per_group
+
+    def compile_step(self, step, opt, streams, draws, batch_size) -> Callable:
+        return step  # eager: the all-reduce is not captured in a CUDA graph
+
+    def blocks(self, model, device, start):
+        """Each finished block goes back to the very tensors it was loaded as: with --dtype auto on GPUs those are
+        mmap'd views of the safetensors files, shared by all ranks through the page cache -- one copy of the model
+        in host memory, not one per rank (blocks_on would copy each block back)."""
+        home = {p: p.data for p in model.parameters()}
+        for i, block in super().blocks(model, device, start):
+            yield i, block
+            for p in block.parameters():
+                p.data = home[p]
+
+    def block_done(self, state, cfg, next_block, X_dense, X_mix, windows) -> None:
+        if process_rank() == 0:  # only rank 0 writes the checkpoint; every rank reads it to --resume
+            super().block_done(state, cfg, next_block, X_dense, X_mix, windows)
+
+
 # 10. Sparsity patterns (N:M), dense weights, 2:4 kernels where they are faster -------------------------------------
 
 @torch.no_grad()
@@ -2101,7 +2212,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:
                                ("--eval-batch-size", args.eval_batch_size, 1), ("--eval-tokens", args.eval_tokens, 2)):
         if value is not None and value < least:
             raise EPTSError(f"{flag} must be at least {least}, got {value}")
-    return cfg, Runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop,
+    runtime = DistributedRuntime if world_size() > 1 else Runtime  # torchrun: the groups split over ranks
+    return cfg, runtime(amp=not args.no_amp, cuda_graph=not args.no_cuda_graph, reference_loop=args.reference_loop,
                         low_memory=args.low_memory, infer_chunk=2 if args.low_memory else Runtime.infer_chunk)
 
 
@@ -2268,7 +2380,7 @@ def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch
     state = optimize(model, windows, cfg, device, args.model, replace(runtime, verbose=not args.quiet,
                      checkpoint=checkpoint, resume=args.resume, base_model=args.model))
     seconds = time.perf_counter() - t0
-    if args.save:
+    if args.save and process_rank() == 0:
         save_elastic(state, args.save, getattr(torch, args.save_dtype), seqlen=windows.shape[-1])
         state = load_elastic(args.save)  # evaluate what was saved: --load prints the same numbers
         if checkpoint and os.path.isfile(checkpoint):
@@ -2341,7 +2453,10 @@ def run(args: argparse.Namespace) -> dict:
     load), optionally export, and sweep the sparsities, printing each row as soon as it is evaluated."""
     cfg, runtime = configs_from_args(args)
     check_sparsities(args, cfg.groups, warn_above=False)  # the groups may still come from --load: warned below
-    device = pick_device(args.device)
+    if world_size() > 1 and (args.method != "epts" or args.load):
+        what = "--load" if args.load else f"--method {args.method}"
+        raise EPTSError(f"torchrun splits EPTS's optimization over ranks; {what} runs in one process: python epts.py")
+    device = start_ranks(pick_device(args.device), len(cfg.groups) + (cfg.nm_train is not None))
     header = check_inputs(args, device)
     checkpoint = check_outputs(args)
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
@@ -2362,6 +2477,10 @@ def run(args: argparse.Namespace) -> dict:
               "optimize_seconds": 0.0}
     if args.method == "epts" and state is None:
         state, result["optimize_seconds"] = optimize_and_save(args, model, windows, cfg, runtime, device, checkpoint)
+        result.update(world_size=world_size(), groups_by_rank=groups_by_rank(len(cfg.groups) + (
+            cfg.nm_train is not None), world_size()))
+        if end_ranks():
+            return result  # only rank 0 evaluates, exports and writes
     if state is not None:
         result["low_group_enabled"] = state.low_group_enabled
     dense = snapshot_linears(model)
@@ -2453,6 +2572,9 @@ def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if int(os.environ.get("RANK", 0)):  # torchrun's ranks > 0 print nothing, except the traceback of a crash
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)

@@ -740,6 +740,108 @@ def test_fused_merge_trains_the_same_adapters_as_the_plain_merge(recipe, monkeyp
                                                                      rel=1e-3)
 
 
+# ---------------------------------------------------------------------------------------------- many processes (torchrun)
+
+def run_ranks(world: int, args, interrupt_at: int | None = None) -> list[int]:
+    """epts.main(args) in `world` processes forked from this one, each with the environment torchrun gives a rank
+    and one thread (gloo on the CPU); returns their exit codes. interrupt_at: every rank gets Ctrl-C there."""
+    import multiprocessing
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def rank_main(r: int) -> None:
+        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        real = epts.optimize_block
+        if interrupt_at is not None:
+            epts.optimize_block = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[6] == interrupt_at \
+                else real(*a, **k)
+        sys.exit(epts.main([str(a) for a in args]))
+
+    procs = [multiprocessing.get_context("fork").Process(target=rank_main, args=(r,)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.exitcode is None:
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
+def one_thread_cli(*args) -> tuple[int, str, str]:
+    """run_cli with one thread, as each rank of run_ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_cli(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def max_state_difference(a: epts.ElasticState, b: epts.ElasticState) -> float:
+    """max |a - b| over every adapter, activation norm and group-0 gain; the flags must be equal."""
+    assert set(a.adapters) == set(b.adapters) and a.low_group_enabled == b.low_group_enabled
+    diffs = [(x - y).abs().max().item() for k in a.adapters for x, y in zip((*a.adapters[k], a.act_norms[k]),
+                                                                           (*b.adapters[k], b.act_norms[k]))]
+    return max(diffs + [abs(x - y) for x, y in zip(a.group0_gains, b.group0_gains)])
+
+
+@pytest.mark.parametrize("arch,recipe", [("opt", "paper"), ("llama", "tuned")])
+def test_two_ranks_write_the_artifact_of_one_process(arch, recipe, tiny_dir, tmp_path):
+    """torchrun with 2 ranks (gloo): rank r runs the group slices r, r+2, ..; the adapters, norms, flags and gains
+    are one process's up to float reassociation (the --low-memory test's bound); only rank 0 writes."""
+    run = cli(tiny_dir, arch, "--epochs", "2", "--recipe", recipe, "--eval", "none", "--save-dtype", "float32")
+    assert one_thread_cli(*run, "--save", tmp_path / "one.safetensors")[0] == 0
+    two = tmp_path / "two"
+    assert run_ranks(2, [*run, "--save", two / "s.safetensors", "--json-out", two / "r.json"]) == [0, 0]
+    one, both = epts.load_elastic(str(tmp_path / "one.safetensors")), epts.load_elastic(str(two / "s.safetensors"))
+    assert max_state_difference(one, both) <= 1e-4
+    assert any(B.abs().max() > 0 for _, B in both.adapters.values())
+    res = json.loads((two / "r.json").read_text())
+    assert res["world_size"] == 2 and res["groups_by_rank"] == [[0, 2, 4, 6], [1, 3, 5]]
+    assert sorted(p.name for p in two.iterdir()) == ["r.json", "s.safetensors"]  # no checkpoint left
+
+
+def test_a_resumed_two_rank_run_equals_a_straight_one(tiny_dir, tmp_path):
+    """Ctrl-C in block 1 of a 2-rank run leaves rank 0's checkpoint of block 0; --resume under 2 ranks (one slice
+    at a time: --low-memory) finishes it with the straight run's result."""
+    run = cli(tiny_dir, "llama", "--epochs", "2", "--eval", "none", "--save-dtype", "float32", "--low-memory")
+    assert one_thread_cli(*run, "--save", tmp_path / "straight.safetensors")[0] == 0
+    cut = [*run, "--save", tmp_path / "cut.safetensors"]
+    assert run_ranks(2, cut, interrupt_at=1) == [130, 130]
+    assert epts._read(str(tmp_path / "cut.safetensors.checkpoint"))[1]["next_block"] == 1
+    assert run_ranks(2, [*cut, "--resume"]) == [0, 0]
+    assert not (tmp_path / "cut.safetensors.checkpoint").exists()
+    assert max_state_difference(epts.load_elastic(str(tmp_path / "straight.safetensors")),
+                                epts.load_elastic(str(tmp_path / "cut.safetensors"))) <= 1e-4
+
+
+def test_a_bad_world_size_is_one_line_on_rank_0_and_silence_elsewhere(tiny_dir, monkeypatch, capfd):
+    """More ranks than group slices, more ranks than GPUs, or a method torchrun does not split: one line and exit 2
+    before any work and without a process group; ranks > 0 print nothing."""
+    no_work(monkeypatch)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    one_line_error(*run_cli(*cli(tiny_dir, "opt"))[::2], "torchrun started 8 ranks, but Phase 1 has 7 group slices")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one_line_error(*run_cli(*cli(tiny_dir, "opt", "--method", "wanda"))[::2], "--method wanda runs in one process")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = cli(tiny_dir, "opt")
+    args[args.index("--device") + 1] = "cuda"
+    one_line_error(*run_cli(*args)[::2], "torchrun started 2 ranks on this machine, but it has 1 GPU(s)")
+    assert not torch.distributed.is_initialized()
+    capfd.readouterr()
+    assert run_ranks(8, cli(tiny_dir, "opt")) == [2] * 8  # 8 real ranks: the one line comes from rank 0 alone
+    out, err = capfd.readouterr()
+    assert out == "" and [l for l in err.splitlines() if l] == [
+        "error: torchrun started 8 ranks, but Phase 1 has 7 group slices to split: use --nproc-per-node 7 or fewer"]
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def test_perplexity_matches_a_hand_computation():
