@@ -1155,33 +1155,31 @@ def world_size() -> int:
 
 
 def process_rank() -> int:
-    """This process's rank; 0 without a process group."""
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def groups_by_rank(n_slices: int, world: int) -> list[list[int]]:
-    """The Phase-1 slices (group k is slice k; --nm-train's N:M slice is the last) each rank runs: r, r+W, ..."""
+    """The Phase-1 slices (slice k: group k; --nm-train's N:M slice last) that each rank runs: r, r+W, r+2W, ..."""
     return [list(range(r, n_slices, world)) for r in range(world)]
 
 
 def start_ranks(device: torch.device, n_slices: int) -> torch.device:
     """Under torchrun (WORLD_SIZE > 1): a bad world size in one line, then the process group (NCCL on GPUs, gloo on
-    the CPU) and this rank's device, cuda:LOCAL_RANK. Nothing at all for one process."""
+    the CPU) and this rank's device, cuda:LOCAL_RANK. Nothing for one process."""
     world, local = world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-    if world == 1:
-        return device
     if world > n_slices:
         raise EPTSError(f"torchrun started {world} ranks, but Phase 1 has {n_slices} group slices to split: "
                         f"use --nproc-per-node {n_slices} or fewer")
-    if device.type == "cuda" and local > torch.cuda.device_count():
-        raise EPTSError(f"torchrun started {local} ranks on this machine, but it has {torch.cuda.device_count()} "
-                        "GPU(s): one GPU per rank, so --nproc-per-node at most that")
-    if device.type == "cuda":
+    if world > 1 and device.type == "cuda":
+        if local > torch.cuda.device_count():
+            raise EPTSError(f"torchrun started {local} ranks on this machine, but it has {torch.cuda.device_count()}"
+                            " GPU(s): one GPU per rank, so --nproc-per-node at most that")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         device_id=device if device.type == "cuda" else None)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -1195,19 +1193,18 @@ def end_ranks() -> int:
 
 class DistributedRuntime(Runtime):
     """Runtime under torchrun: rank r runs the slices r, r+W, r+2W, ... of every block call, with the same math.
-    Phase 1: rank 0 broadcasts sg(O_0), every rank backprops its own slices' losses of Eq. 3, and one all-reduce
-    sums the adapters' gradients and the per-group losses: one process's gradient, summed in another order, so
-    every rank takes the same Adam step. The no-grad passes (check, gain fit, Phase 2) all-gather the slices'
-    outputs, so every rank reads the same [G, ...] stack and ends each block with the same streams; the dense
-    targets (one dense forward) run on every rank. Eager steps: collectives inside a CUDA graph are untested."""
+    Phase 1: rank 0 broadcasts sg(O_0), each rank backprops its slices' losses of Eq. 3, and one all-reduce sums
+    the adapters' gradients (one process's gradient, summed in another order) and the losses. The no-grad passes
+    all-gather the outputs: every rank ends each block with the same streams. The dense targets run on every rank.
+    Eager steps: no CUDA graph (collectives inside one are untested here)."""
 
     def owned(self, slices: Slices) -> Slices:
-        """This rank's slices r, r+W, ... (views, no copies)."""
+        """This rank's slices r, r+W, ... (views)."""
         r, W = process_rank(), world_size()
         return Slices(**{k: None if v is None else v[r::W] for k, v in vars(slices).items()})
 
     def forward_groups(self, block, layers, x, kwargs, slices, x_dense=None) -> torch.Tensor:
-        """O for the G slices: this rank's, then all-gathered in fp32 (the method reads them as fp32 anyway)."""
+        """This rank's slices, then all-gathered in fp32 (the method reads them as fp32)."""
         G, W, mine = len(slices), world_size(), self.owned(slices)
         out = torch.zeros(-(-G // W), *x.shape, device=device_of(block))  # padded: all-gather needs equal parts
         if len(mine):
@@ -1240,12 +1237,11 @@ class DistributedRuntime(Runtime):
         return per_group
 
     def compile_step(self, step, opt, streams, draws, batch_size) -> Callable:
-        return step  # eager: the all-reduce is not captured in a CUDA graph
+        return step
 
     def blocks(self, model, device, start):
-        """Each finished block goes back to the very tensors it was loaded as: with --dtype auto on GPUs those are
-        mmap'd views of the safetensors files, shared by all ranks through the page cache -- one copy of the model
-        in host memory, not one per rank (blocks_on would copy each block back)."""
+        """A finished block gets back the very tensors it was loaded as (blocks_on would copy it): on GPUs, mmap'd
+        views of the safetensors files, shared by all ranks through the page cache -- one model in host memory."""
         home = {p: p.data for p in model.parameters()}
         for i, block in super().blocks(model, device, start):
             yield i, block
@@ -2454,9 +2450,10 @@ def run(args: argparse.Namespace) -> dict:
     cfg, runtime = configs_from_args(args)
     check_sparsities(args, cfg.groups, warn_above=False)  # the groups may still come from --load: warned below
     if world_size() > 1 and (args.method != "epts" or args.load):
-        what = "--load" if args.load else f"--method {args.method}"
-        raise EPTSError(f"torchrun splits EPTS's optimization over ranks; {what} runs in one process: python epts.py")
-    device = start_ranks(pick_device(args.device), len(cfg.groups) + (cfg.nm_train is not None))
+        raise EPTSError(f"torchrun splits EPTS's optimization over ranks; --method {args.method}"
+                        f"{' --load' * bool(args.load)} runs in one process: python epts.py")
+    slices = len(cfg.groups) + (cfg.nm_train is not None)  # Phase 1's group slices, what torchrun's ranks split
+    device = start_ranks(pick_device(args.device), slices)
     header = check_inputs(args, device)
     checkpoint = check_outputs(args)
     model, tokenizer = load_model(args.model, args.dtype, device, args.trust_remote_code, not args.quiet)
@@ -2477,8 +2474,7 @@ def run(args: argparse.Namespace) -> dict:
               "optimize_seconds": 0.0}
     if args.method == "epts" and state is None:
         state, result["optimize_seconds"] = optimize_and_save(args, model, windows, cfg, runtime, device, checkpoint)
-        result.update(world_size=world_size(), groups_by_rank=groups_by_rank(len(cfg.groups) + (
-            cfg.nm_train is not None), world_size()))
+        result.update(world_size=world_size(), groups_by_rank=groups_by_rank(slices, world_size()))
         if end_ranks():
             return result  # only rank 0 evaluates, exports and writes
     if state is not None:
