@@ -3,6 +3,7 @@ random weights (time and memory do not depend on weight values), extrapolated to
 
     python bench/scale.py                      # on the GPU machine; writes bench/scale.json
     python bench/scale.py --tiny --device cpu  # a seconds-long smoke test of this script
+    torchrun --nproc-per-node N bench/scale.py --shapes llama-7b   # N GPUs: the `multi_gpu` key (issue 23)
 
 For each shape: build `--blocks` decoder blocks from a config, calibrate on random tokens (128 x 2048 by
 default), run EPTS with `--epochs` epochs (default 1, scaled linearly to the paper's 10: Phase-1 time is
@@ -15,6 +16,16 @@ streams, the achieved TFLOP/s of the Phase-1 step, and the projection
 
 One-time costs of a process (torch.compile of Phase 1's fused merge) are paid in a short warm-up run first and
 reported as `warmup_seconds_once`, so the projection does not multiply them.
+
+Under torchrun (WORLD_SIZE set; N = 1 is the one-GPU baseline of the same code path, N > 1 runs
+epts.DistributedRuntime: rank r runs the group slices r, r+N, ...) only the EPTS run is timed (no dedicated or
+low-memory run; `--low-memory` times that runtime instead) and rank 0 adds `multi_gpu[shape][N]` to --out,
+keeping what the file holds: per-stage seconds of rank 0 (the collectives keep the ranks in step), peak GPU
+memory of every rank, the projection above, the speed-up over N = 1 per stage, and `multi_gpu[shape]
+["projection"]`: per stage, t_W = t_1 * ceil(n/W)/n / e, with n the slices the stage splits (Phase 1 and Phase 2:
+the 7 groups; the low-group check: 2; the dense targets run on every rank: n = 1) and e the parallel
+efficiency measured at the largest N (ideal time / measured time), for W = 4 and W = 7 (7 groups: at most 7
+ranks, so an 8-GPU node runs 7).
 """
 from __future__ import annotations
 
@@ -33,11 +44,15 @@ from phase1_speed import step_flops  # noqa: E402
 SHAPES = {
     "llama-7b": dict(arch="llama", hidden=4096, ffn=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
     "opt-1.3b": dict(arch="opt", hidden=2048, ffn=8192, heads=32, kv_heads=32, layers=24, vocab=50272),
+    "llama-70b": dict(arch="llama", hidden=8192, ffn=28672, heads=64, kv_heads=8, layers=80, vocab=32000),
 }
+DEFAULT = ("llama-7b", "opt-1.3b")  # what runs without --shapes (the 70B shape only when named)
 TINY = {
     "llama-tiny": dict(arch="llama", hidden=64, ffn=160, heads=4, kv_heads=4, layers=32, vocab=128),
     "opt-tiny": dict(arch="opt", hidden=64, ffn=256, heads=4, kv_heads=4, layers=24, vocab=128),
+    "llama-70b-tiny": dict(arch="llama", hidden=64, ffn=224, heads=8, kv_heads=2, layers=80, vocab=128),
 }
+STAGE_SLICES = {"targets": 1, "phase1": 7, "low_check": 2, "phase2": 7}  # what each stage splits over ranks
 
 
 def build(shape: dict, n_blocks: int, seqlen: int, device: torch.device):
@@ -52,6 +67,7 @@ def build(shape: dict, n_blocks: int, seqlen: int, device: torch.device):
                         num_attention_heads=shape["heads"], num_hidden_layers=n_blocks, word_embed_proj_dim=shape["hidden"],
                         max_position_embeddings=max(seqlen, 2048), dropout=0.0)
         cls = OPTForCausalLM
+    torch.manual_seed(0)  # the same random weights on every rank
     with torch.device(device):  # random init directly where it runs; the blocks are fp32 during optimization
         model = cls(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model.eval()
@@ -126,6 +142,71 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     return out
 
 
+def per_stage(reports) -> dict[str, float]:
+    return {k: sum(r.seconds.get(k, 0.0) for r in reports) / len(reports)
+            for k in ("targets", "phase1", "low_check", "phase2", "total")}
+
+
+def hours(shape: dict, stages: dict, epochs: int) -> float:
+    """n_layers x (targets + phase1 x 10/epochs + low_check + phase2) in hours."""
+    return shape["layers"] * (sum(stages[k] for k in STAGE_SLICES) + stages["phase1"] * (10 / epochs - 1)) / 3600
+
+
+def measure_ranks(name: str, shape: dict, a: argparse.Namespace, device: torch.device) -> dict:
+    """One shape under torchrun: EPTS on `--blocks` blocks with the runtime `python epts.py` / torchrun picks."""
+    world = epts.world_size()
+    model = build(shape, a.blocks, a.seqlen, device)
+    windows = torch.randint(0, shape["vocab"], (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+    cfg = epts.EPTSConfig(epochs=a.epochs)
+    rt = (epts.DistributedRuntime if world > 1 else epts.Runtime)(
+        cuda_graph=not a.no_cuda_graph, low_memory=a.low_memory, infer_chunk=2 if a.low_memory else 8)
+    t0 = time.perf_counter()
+    epts.optimize(model, windows[:2], cfg, device, runtime=rt)  # torch.compile of the fused merge, once
+    warmup = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    state = epts.optimize(model, windows, cfg, device, runtime=rt)
+    wall = time.perf_counter() - t0
+    peak = [torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")] * world
+    if world > 1:
+        torch.distributed.all_gather_object(peak, peak[0])
+    stages = per_stage(state.reports)
+    return {"world_size": world, "groups_by_rank": epts.groups_by_rank(len(cfg.groups), world),
+            "cuda_graph": rt.cuda_graph and world == 1 and device.type == "cuda", "low_memory": a.low_memory,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "command": f"torchrun --nproc-per-node {world} bench/scale.py " + " ".join(sys.argv[1:]),
+            "measured_blocks": a.blocks, "nsamples": a.nsamples, "seqlen": a.seqlen, "epochs_timed": a.epochs,
+            "wall_seconds_measured": wall, "warmup_seconds_once": warmup, "per_block_seconds_measured": stages,
+            "phase1_ms_per_step": 1000 * stages["phase1"] / (a.epochs * a.nsamples), "peak_gpu_gib_per_rank": peak,
+            "projected_total_hours_10_epochs": hours(shape, stages, a.epochs),
+            "formula": "n_layers x (targets + phase1 x 10/epochs + low_check + phase2), per-block means of rank 0"}
+
+
+def add_speedups(entries: dict, shape: dict) -> None:
+    """Speed-ups over N = 1, and the projection to 4 and 7 ranks from the largest measured N (see the docstring)."""
+    if "1" not in entries:
+        return
+    one = entries["1"]["per_block_seconds_measured"]
+    for n, e in entries.items():
+        if n.isdigit():
+            e["speedup_over_1"] = {k: one[k] / v for k, v in e["per_block_seconds_measured"].items() if v > 0}
+            e["speedup_over_1"]["projected_10_epochs"] = (entries["1"]["projected_total_hours_10_epochs"]
+                                                          / e["projected_total_hours_10_epochs"])
+    top = max((int(n) for n in entries if n.isdigit()), default=1)
+    if top == 1:
+        return
+    at_top, epochs = entries[str(top)]["per_block_seconds_measured"], entries["1"]["epochs_timed"]
+    ideal = lambda k, w: one[k] * -(-STAGE_SLICES[k] // w) / STAGE_SLICES[k]  # noqa: E731
+    eff = {k: ideal(k, top) / at_top[k] for k in STAGE_SLICES}
+    proj = {str(w): {k: ideal(k, w) / eff[k] for k in STAGE_SLICES} for w in (4, 7)}
+    entries["projection"] = {"from_world_size": top, "efficiency": eff, "per_block_seconds": proj,
+                             "projected_total_hours_10_epochs": {w: hours(shape, p, epochs) for w, p in proj.items()},
+                             "formula": "t_W = t_1 x ceil(n/W)/n / e per stage, e = (t_1 x ceil(n/N)/n) / t_N at the "
+                                        "largest measured N; n: slices the stage splits (STAGE_SLICES); hours as "
+                                        "projected_total_hours_10_epochs"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -136,21 +217,42 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes and data: a smoke test of this script")
     p.add_argument("--shapes", nargs="+", default=None, help="measure only these shapes")
     p.add_argument("--no-low-memory", action="store_true", help="skip the Runtime(low_memory=True) measurement")
+    p.add_argument("--low-memory", action="store_true", help="torchrun: time the low-memory runtime instead")
+    p.add_argument("--no-cuda-graph", action="store_true", help="torchrun with N = 1: eager steps, as N > 1 runs")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.json"))
     a = p.parse_args()
     if a.tiny:
         a.nsamples, a.seqlen = min(a.nsamples, 4), min(a.seqlen, 64)
     device = epts.pick_device(a.device)
+    if "WORLD_SIZE" in os.environ:  # torchrun: a process group for N > 1, cuda:LOCAL_RANK
+        return main_ranks(a, epts.start_ranks(device, len(epts.GROUPS)))
     import transformers
     res = {"env": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "command": "python " + " ".join(sys.argv)}, "models": {}}
     for name, shape in (TINY if a.tiny else SHAPES).items():
-        if a.shapes and name not in a.shapes:
+        if name not in (a.shapes or (TINY if a.tiny else DEFAULT)):
             continue
         res["models"][name] = measure(name, shape, a, device)
         with open(a.out, "w") as f:  # after every shape: a run cut short keeps what it finished
             json.dump(res, f, indent=1)
+
+
+def main_ranks(a: argparse.Namespace, device: torch.device) -> None:
+    """torchrun: every named shape (default: llama-7b) measured; rank 0 merges multi_gpu[shape][N] into --out."""
+    for name, shape in (TINY if a.tiny else SHAPES).items():
+        if name not in (a.shapes or (["llama-tiny"] if a.tiny else ["llama-7b"])):
+            continue
+        entry = measure_ranks(name, shape, a, device)
+        if epts.process_rank() == 0:
+            print(f"{name} on {entry['world_size']} rank(s): {json.dumps(entry, indent=1)}", flush=True)
+            res = json.load(open(a.out)) if os.path.isfile(a.out) else {}
+            entries = res.setdefault("multi_gpu", {}).setdefault(name, {})
+            entries[str(entry["world_size"]) + ("-low-memory" if a.low_memory else "")] = entry
+            add_speedups(entries, shape)
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+    epts.end_ranks()
 
 
 if __name__ == "__main__":
