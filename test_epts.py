@@ -820,6 +820,25 @@ def test_a_resumed_two_rank_run_equals_a_straight_one(tiny_dir, tmp_path):
                                 epts.load_elastic(str(tmp_path / "cut.safetensors"))) <= 1e-4
 
 
+def test_ranks_give_each_block_back_the_tensors_it_was_loaded_as(tiny_dir):
+    """DistributedRuntime hands every finished block back the very tensors it was loaded as (with the checkpoint's
+    dtype transformers maps the safetensors files: the ranks share one copy of the model through the page cache),
+    where blocks_on copies each block back (bf16 here: the blocks optimize in fp32, so a copy is visible on the CPU
+    too); the adapters are the same (a process group of one rank, gloo)."""
+    model, _ = epts.load_model(str(tiny_dir / "opt"), "bfloat16", torch.device("cpu"), verbose=False)
+    loaded = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = epts.EPTSConfig(rank=2, epochs=1)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    try:
+        ranks = epts.optimize(model, windows, cfg, runtime=epts.DistributedRuntime())
+    finally:
+        torch.distributed.destroy_process_group()
+    assert [p.untyped_storage().data_ptr() for p in model.parameters()] == loaded
+    assert max_state_difference(ranks, epts.optimize(model, windows, cfg, runtime=epts.Runtime())) <= 1e-6
+    assert [p.untyped_storage().data_ptr() for p in model.parameters()] != loaded  # one process: copied back
+
+
 def test_a_bad_world_size_is_one_line_on_rank_0_and_silence_elsewhere(tiny_dir, monkeypatch, capfd):
     """More ranks than group slices, more ranks than GPUs, or a method torchrun does not split: one line and exit 2
     before any work and without a process group; ranks > 0 print nothing."""
