@@ -108,10 +108,6 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
         per = [r.seconds["total"] + r.seconds["phase1"] * (scale - 1) for r in reports]
         return sum(per) / len(per)
 
-    def per_stage(reports) -> dict[str, float]:
-        return {k: sum(r.seconds.get(k, 0.0) for r in reports) / len(reports)
-                for k in ("targets", "phase1", "low_check", "phase2", "total")}
-
     mean = per_stage(state.reports)
     stream_gib = a.nsamples * a.seqlen * shape["hidden"] * 4 / 2 ** 30  # one fp32 stream
     out = {
@@ -174,7 +170,7 @@ def measure_ranks(name: str, shape: dict, a: argparse.Namespace, device: torch.d
     stages = per_stage(state.reports)
     return {"world_size": world, "groups_by_rank": epts.groups_by_rank(len(cfg.groups), world),
             "cuda_graph": rt.cuda_graph and world == 1 and device.type == "cuda", "low_memory": a.low_memory,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "command": f"torchrun --nproc-per-node {world} bench/scale.py " + " ".join(sys.argv[1:]),
             "measured_blocks": a.blocks, "nsamples": a.nsamples, "seqlen": a.seqlen, "epochs_timed": a.epochs,
             "wall_seconds_measured": wall, "warmup_seconds_once": warmup, "per_block_seconds_measured": stages,
@@ -248,7 +244,8 @@ def main_ranks(a: argparse.Namespace, device: torch.device) -> None:
             print(f"{name} on {entry['world_size']} rank(s): {json.dumps(entry, indent=1)}", flush=True)
             res = json.load(open(a.out)) if os.path.isfile(a.out) else {}
             entries = res.setdefault("multi_gpu", {}).setdefault(name, {})
-            entries[str(entry["world_size"]) + ("-low-memory" if a.low_memory else "")] = entry
+            key = str(entry["world_size"]) + "-low-memory" * a.low_memory + "-eager" * a.no_cuda_graph
+            entries[key] = entry  # "1", "2", ...: the default runtime; the others are not in the speed-ups
             add_speedups(entries, shape)
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
