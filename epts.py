@@ -2568,7 +2568,7 @@ def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if int(os.environ.get("RANK", 0)):  # torchrun's ranks > 0 print nothing, except the traceback of a crash
+    if world_size() > 1 and int(os.environ.get("RANK", 0)):  # torchrun's ranks > 0 print nothing but a crash
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
     try:
