@@ -152,7 +152,7 @@ def write_markdown(results: dict, path: str) -> None:
          "Written by `bench/run_bench.py` from `bench/results.json`; do not edit by hand. Regenerate with "
          "`python bench/run_bench.py --from bench/results.json --out bench`. What the numbers mean: "
          "[RESULTS.md](RESULTS.md).", "",
-         f"The first run: {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, Python "
+         f"The base run (the re-runs listed below replace some of its entries): {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, Python "
          f"{env['python']}; wall time {env['wall_seconds']:.0f} s.", "", "Command:", "", "```", env["command"], "```", "",
          f"Calibration: {results['config']['nsamples']} x {results['config']['seqlen']} tokens of "
          f"`calib.txt`, seed {results['config']['seed']}; EPTS at the paper's defaults (7 groups, rank 8, "
