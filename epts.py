@@ -26,6 +26,7 @@ Test:  python -m pytest -q test_epts.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,7 +42,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 
 class EPTSError(Exception):
@@ -182,22 +182,30 @@ def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torc
     return ranks >= (n.view(-1, 1, 1) if isinstance(n, torch.Tensor) else n)
 
 
+def pattern(sparsity: float | str) -> tuple[float, int | None]:
+    """A sparsity as (fraction pruned, M): 0.5 -> (0.5, None) unstructured; "2:4" -> (0.5, 4), N of every M."""
+    if isinstance(sparsity, str):
+        n, _, m = sparsity.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise EPTSError(f"a sparsity pattern is a number or N:M with 0 < N < M (e.g. 2:4), got '{sparsity}'")
+        return int(n) / int(m), int(m)
+    return float(sparsity), None
+
+
+def ranks_for(scores: torch.Tensor, sparsity: float | str | None) -> torch.Tensor:
+    """row_ranks for an unstructured sparsity, nm_ranks for an N:M pattern."""
+    m = pattern(sparsity)[1] if sparsity is not None else None
+    return row_ranks(scores) if m is None else nm_ranks(scores, m)
+
+
+def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every pruned linear's dense weight: deploy and every baseline start from these."""
+    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
+
+
 # 3. MS-HiLoRA (Eq. 2): W_s = (W + sum_{j<=k} B_j A_j) * M(s) for s in group k ---------------------------------
 
 NO_ADAPTER = -1  # a "group" index meaning: the mask alone, no adapter (dense s = 0, or a switched-off group 0)
-
-
-def group0_gain(sparsity: torch.Tensor, group: torch.Tensor, top0: float, ramp: bool, fitted: float = 1.0
-                ) -> torch.Tensor | None:
-    """Tuned recipe: the scale of B_0 A_0 in the slices of group 0 (1 in every other group):
-
-        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's fitted gain (fit_low_gain)
-
-    The ramp lets the correction fade with the weights removed (s -> 0: the dense model). None: all 1 (paper)."""
-    if not ramp and fitted == 1.0:
-        return None
-    g = fitted * (sparsity / top0 if ramp else torch.ones_like(sparsity))
-    return torch.where(group == 0, g, torch.ones_like(g)).float()
 
 
 def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) -> int | None:
@@ -212,63 +220,93 @@ def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) ->
     raise EPTSError(f"sparsity {sparsity} is outside the trained range [0, {groups[-1][1]}]")
 
 
-def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                   sparsity: torch.Tensor, group: torch.Tensor, gain0: torch.Tensor | None = None,
-                   stop0: bool = False) -> torch.Tensor:
-    """Eq. 2 for G (sparsity, group) pairs at once -> [G, out, in]:
+def chain_of(group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """The inheritance chain of Eq. 2 as data -> float [G, K]: c_gj = 1 if adapter j is in slice g's sum
+    (j <= group_g), else 0. A row of zeros (group_g = NO_ADAPTER) is the mask alone."""
+    return (torch.arange(n_groups, device=group.device).view(1, -1) <= group.view(-1, 1)).float()
 
-        W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g)      (group_g = NO_ADAPTER: W * M(sparsity_g))
 
-    weight [out, in], ranks [out, in] or [G, out, in], A [K, r, in], B [K, out, r], sparsity [G], group [G].
-    The sum over j <= k is the inheritance chain: a group reuses the adapters of every lower group and adds its
-    own; one matmul [B_0 .. B_k] @ [A_0; ..; A_k] (B with the columns of groups j > k zeroed). Masking the delta
-    keeps W_g exactly as sparse as M(s). Tuned recipe only: gain0 [G] scales B_0 A_0 per slice (group0_gain);
-    stop0 lets slices of groups >= 1 see sg(B_0)."""
+def chained_delta(A: torch.Tensor, B: torch.Tensor, chain: torch.Tensor, frozen: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """sum_j c_gj B_j A_j for G slices at once -> [G, out, in], as one matmul [c_g0 B_0 .. c_g(K-1) B_(K-1)] @
+    [A_0; ..; A_(K-1)]. A [K, r, in], B [K, out, r], chain [G, K]. frozen [G, K] (tuned recipe only): the terms
+    that pass no gradient to B_j, sg(B_j)."""
     K, out_f, r = B.shape
-    j = torch.arange(K, device=group.device).view(1, 1, K, 1)
-    in_chain = j <= group.view(-1, 1, 1, 1)                                                  # [G,1,K,1]
-    if gain0 is not None:
-        in_chain = in_chain * torch.where(j == 0, gain0.view(-1, 1, 1, 1).to(B.dtype), 1.0)
-    B_k = B.permute(1, 0, 2).unsqueeze(0)                                                    # [1,out,K,r]
-    if stop0:
-        B_k = torch.where((j == 0) & (group.view(-1, 1, 1, 1) > 0), B_k.detach(), B_k)
-    B_chain = (B_k * in_chain).reshape(-1, out_f, K * r)                                     # [G,out,K*r]
-    delta = B_chain @ A.reshape(K * r, -1)                                                   # [G,out,in]
-    return masked_merge(weight, delta, ranks, sparsity)  # (W + delta) * mask_from_ranks(ranks, sparsity)
+    B_k = B.permute(1, 0, 2).unsqueeze(0)                                                    # [1, out, K, r]
+    if frozen is not None:
+        B_k = torch.where(frozen.view(-1, 1, K, 1), B_k.detach(), B_k)
+    return (B_k * chain.view(-1, 1, K, 1)).reshape(-1, out_f, K * r) @ A.reshape(K * r, -1)
+
+
+def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   sparsity: torch.Tensor, chain: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 2 for G slices at once -> [G, out, in]:
+
+        W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g)
+
+    weight [out, in], ranks [out, in] or [G, out, in], sparsity [G], chain [G, K] = chain_of(group, K). The sum
+    over j <= k is the inheritance chain: a group reuses the adapters of every lower group and adds its own.
+    Masking the delta keeps W_g exactly as sparse as M(s)."""
+    delta = chained_delta(A, B, chain, frozen)
+    return ((weight + delta) * mask_from_ranks(ranks, sparsity)).to(delta.dtype)  # bf16 under autocast: the bmm's
+
+
+@dataclass
+class Slices:
+    """G slices of one block call, as data: slice g runs every pruned linear with W_g (elastic_weight) at
+    sparsity[g] with the adapters chain[g]. The paper: `slices_of(sparsity, group, K)`, chain = chain_of(group)."""
+
+    sparsity: torch.Tensor                     # [G] float64
+    group: torch.Tensor                        # [G] long; NO_ADAPTER: the mask alone
+    chain: torch.Tensor                        # [G, K] coefficients of B_j A_j
+    nm: torch.Tensor | None = None             # [G] bool: the N:M mask instead (cfg.nm_train's extra slice)
+    frozen: torch.Tensor | None = None         # [G, K] bool: sg(B_j) in slice g (tuned recipe)
+    dense_input: tuple[bool, ...] | None = None  # slice g reads X_dense instead of X_mix (tuned recipe)
+
+    def __len__(self) -> int:
+        return len(self.sparsity)
+
+    def __getitem__(self, g: int) -> Slices:
+        """Slice g alone."""
+        return Slices(*(None if v is None else v[g:g + 1] for v in (self.sparsity, self.group, self.chain,
+                                                                    self.nm, self.frozen, self.dense_input)))
+
+
+def slices_of(sparsity: torch.Tensor, group: torch.Tensor, n_groups: int, nm: torch.Tensor | None = None) -> Slices:
+    """The paper's slices: slice g at sparsity[g] with the chain of group[g]."""
+    return Slices(sparsity, group, chain_of(group, n_groups), nm)
 
 
 class HiLoRALinear(nn.Module):
     """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA).
 
-    `route(sparsity, group, nm)` selects G (sparsity, group) pairs; the input's leading batch dimension is split
-    into G equal slices and slice g is multiplied by W_g (Eq. 2). G = 1 is the ordinary layer; G = K runs all
-    groups of a Phase-1 step in one batched forward pass. Slices with nm[g] use `nm_ranks` (N:M masks).
+    `route(slices)` selects G slices; the input's leading batch dimension is split into G equal parts and part
+    g is multiplied by W_g (Eq. 2). G = 1 is the ordinary layer. `weight_fn` computes W_g: elastic_weight, or a
+    runtime's tested-equal faster version of it.
     """
 
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, n_groups: int, rank: int,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, nm_ranks: torch.Tensor | None = None,
+                 weight_fn: Callable = elastic_weight):
         super().__init__()
         self.base = base  # kept so the block can be restored; its parameters stay frozen
         out_f, in_f = base.weight.shape
         self.register_buffer("ranks", ranks, persistent=False)
+        self.register_buffer("nm_ranks", nm_ranks, persistent=False)  # N:M ranks for cfg.nm_train's slice
         A = torch.empty(n_groups, rank, in_f)
         for k in range(n_groups):  # Kaiming-uniform(a=sqrt(5)) per A_k, as LoRA; fan_in is in_f
             nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
         self.A = nn.Parameter(A.to(base.weight.device))
         self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=base.weight.device))  # B = 0: no-op at init
-        self.nm_ranks: torch.Tensor | None = None
-        self.stop0 = False  # tuned recipe: groups >= 1 see sg(B_0)
-        self.route(torch.zeros(1, dtype=torch.float64, device=base.weight.device),
-                   torch.full((1,), NO_ADAPTER, dtype=torch.long, device=base.weight.device))
+        self.weight_fn, self.slices = weight_fn, None  # route() before the first forward
 
-    def route(self, sparsity: torch.Tensor, group: torch.Tensor, nm: torch.Tensor | None = None,
-              gain0: torch.Tensor | None = None) -> None:
-        self.sparsity, self.group, self.nm, self.gain0 = sparsity, group, nm, gain0
+    def route(self, slices: Slices) -> None:
+        self.slices = slices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ranks = self.ranks if self.nm is None else torch.where(self.nm.view(-1, 1, 1), self.nm_ranks, self.ranks)
-        W = elastic_weight(self.base.weight, ranks, self.A, self.B, self.sparsity, self.group, self.gain0,
-                           self.stop0 and torch.is_grad_enabled())
+        sl = self.slices
+        ranks = self.ranks if sl.nm is None else torch.where(sl.nm.view(-1, 1, 1), self.nm_ranks, self.ranks)
+        W = self.weight_fn(self.base.weight, ranks, self.A, self.B, sl.sparsity, sl.chain, sl.frozen)
         G, (out_f, in_f) = W.shape[0], self.base.weight.shape
         y = torch.bmm(x.reshape(G, -1, in_f), W.transpose(1, 2))  # slice g of the batch times W_g^T
         if self.base.bias is not None:
@@ -277,16 +315,16 @@ class HiLoRALinear(nn.Module):
 
 
 def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch.Tensor], cfg: EPTSConfig,
-                  generator: torch.Generator) -> dict[str, HiLoRALinear]:
-    """Replace each pruned linear of `block` by a HiLoRALinear; its masks rank the dense Wanda scores (Eq. 1)."""
+                  generator: torch.Generator, weight_fn: Callable = elastic_weight) -> dict[str, HiLoRALinear]:
+    """Replace each pruned linear of `block` by a HiLoRALinear; its masks rank the dense Wanda scores (Eq. 1).
+    A dedicated run (cfg.fixed_sparsity N:M) ranks N:M; cfg.nm_train adds N:M ranks for its extra slice."""
     layers = {}
     for n in names:
         base = block.get_submodule(n)
         scores = wanda_scores(base.weight, norms[n])
-        layers[n] = HiLoRALinear(base, ranks_for(scores, cfg.fixed_sparsity), len(cfg.groups), cfg.rank, generator)
-        if cfg.nm_train is not None:  # ranks of the N:M masks, for the extra Phase-1 slice
-            layers[n].nm_ranks = nm_ranks(scores, pattern(cfg.nm_train)[1])
-        layers[n].stop0 = cfg.stop_chain_grad
+        extra = None if cfg.nm_train is None else nm_ranks(scores, pattern(cfg.nm_train)[1])
+        layers[n] = HiLoRALinear(base, ranks_for(scores, cfg.fixed_sparsity), len(cfg.groups), cfg.rank, generator,
+                                 extra, weight_fn)
         swap_module(block, n, layers[n])
     return layers
 
@@ -328,6 +366,31 @@ def mix_features(outputs: torch.Tensor, weights: Sequence[float]) -> torch.Tenso
 
 # 6. Calling one block: capture what block 0 is called with, then call any block on any stream -----------------
 
+def device_of(block: nn.Module) -> torch.device:
+    """Where the block computes; its streams may live elsewhere (host memory, Runtime.low_memory)."""
+    return next(block.parameters()).device
+
+
+def empty_stream_like(X: torch.Tensor) -> torch.Tensor:
+    """An empty stream where X lives: on its device, or in pinned host memory if X is pinned (fast copies)."""
+    return torch.empty(X.shape, dtype=X.dtype, device=X.device, pin_memory=X.is_pinned())
+
+
+def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
+    """Yield (index, block) for blocks >= start, each moved to `device` in fp32 while it is worked on and moved
+    back to where (and in the dtype) it was loaded afterwards: only one block is on the accelerator at a time."""
+    for i, block in enumerate(decoder_blocks(model)):
+        if i < start:
+            continue
+        p = next(block.parameters())
+        home, home_dtype = p.device, p.dtype
+        block.to(device, torch.float32)
+        try:
+            yield i, block
+        finally:
+            block.to(home, home_dtype)
+
+
 class _StopForward(Exception):  # ends the model's forward once block 0's inputs are recorded
     pass
 
@@ -355,7 +418,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
                 pass
     finally:
         handle.remove()
-    return torch.cat(hidden), _to(kwargs, device, dtype)
+    cast = lambda t: t.to(device, dtype if t.is_floating_point() else None) if torch.is_tensor(t) else t  # noqa: E731
+    return torch.cat(hidden), torch.utils._pytree.tree_map(cast, kwargs)
 
 
 def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -379,27 +443,16 @@ def block_forward(block: nn.Module, X: torch.Tensor, kwargs: dict, chunk: int) -
 
 
 def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.Tensor, kwargs: dict,
-                   sparsity: torch.Tensor, group: torch.Tensor, reference: bool = False,
-                   nm: torch.Tensor | None = None, gain0: torch.Tensor | None = None,
-                   x0: torch.Tensor | None = None) -> torch.Tensor:
-    """O_g = f(x; W_{s_g}) for G (sparsity, group) pairs -> [G, *x.shape]: x repeated G times along the batch,
-    one block call, slice g multiplied by W_g in every HiLoRALinear. Attention, norms and activations act per
-    sample, so this equals G separate forwards -- the plain loop that `reference=True` runs. x0: slice 0's own
-    input (tuned recipe: group 0 on X_dense)."""
-    G, pick, dev = len(group), (lambda t, g: None if t is None else t[g:g + 1]), device_of(block)
-    x, x0 = (None if t is None else t.to(dev, non_blocking=True) for t in (x, x0))  # streams may be on the host
-    xs = [x0 if g == 0 and x0 is not None else x for g in range(G)]
-    if reference:
-        outs = []
-        for g in range(G):
-            for layer in layers.values():
-                layer.route(sparsity[g:g + 1], group[g:g + 1], pick(nm, g), pick(gain0, g))
-            outs.append(call_block(block, xs[g], kwargs))
-        return torch.stack(outs)
-    for layer in layers.values():
-        layer.route(sparsity, group, nm, gain0)
-    return call_block(block, torch.cat(xs) if x0 is not None else x.repeat(G, *([1] * (x.dim() - 1))),
-                      kwargs).view(G, *x.shape)
+                   slices: Slices, x_dense: torch.Tensor | None = None) -> torch.Tensor:
+    """O_g = f(x; W_g) for the G slices -> [G, *x.shape], one block call per slice (a slice with dense_input
+    reads x_dense instead: the tuned recipe's group 0)."""
+    outs = []
+    for g in range(len(slices)):
+        for layer in layers.values():
+            layer.route(slices[g])
+        reads_dense = slices.dense_input is not None and slices.dense_input[g]
+        outs.append(call_block(block, x_dense if reads_dense else x, kwargs))
+    return torch.stack(outs)
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
@@ -467,11 +520,11 @@ def draw_sparsities(cfg: EPTSConfig, steps: int, generator: torch.Generator, str
     return torch.stack([uniform_draws(cfg.groups, generator) for _ in range(steps)])
 
 
-def phase1_slices(cfg: EPTSConfig, steps: int, generator: torch.Generator, device: torch.device
+def phase1_groups(cfg: EPTSConfig, steps: int, generator: torch.Generator, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The G forward slices of every Phase-1 step: (group [G], sparsity [steps, G], N:M flag [G] or None).
-    The paper: one slice per group k at its drawn s_k. cfg.nm_train = "N:M" (not in the paper) adds a slice
-    training the group holding N/M on the N:M mask at exactly N/M, for deployment at N:M."""
+    """The slices of every Phase-1 step: (group [G], sparsity [steps, G], N:M flag [G] or None). The paper: one
+    slice per group k at its drawn s_k. cfg.nm_train = "N:M" (not in the paper) adds a slice training the group
+    holding N/M on the N:M mask at exactly N/M, for deployment at N:M."""
     groups, draws = torch.arange(len(cfg.groups)), draw_sparsities(cfg, steps, generator)
     if cfg.nm_train is None:
         return groups.to(device), draws.to(device), None
@@ -481,80 +534,147 @@ def phase1_slices(cfg: EPTSConfig, steps: int, generator: torch.Generator, devic
     return groups.to(device), draws.to(device), (torch.arange(len(groups)) == len(groups) - 1).to(device)
 
 
+def group0_gain(sparsity: torch.Tensor, group: torch.Tensor, top0: float, ramp: bool, fitted: float = 1.0
+                ) -> torch.Tensor | None:
+    """Tuned recipe: the scale of B_0 A_0 in the slices of group 0 (1 in every other group):
+
+        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's fitted gain (fit_low_gain)
+
+    The ramp lets the correction fade with the weights removed (s -> 0: the dense model). None: all 1 (paper)."""
+    if not ramp and fitted == 1.0:
+        return None
+    g = fitted * (sparsity / top0 if ramp else torch.ones_like(sparsity))
+    return torch.where(group == 0, g, torch.ones_like(g)).float()
+
+
+def tuned_slices(sl: Slices, top0: float, ramp: bool = False, gamma: float = 1.0, stop_chain_grad: bool = False,
+                 group0_dense: bool = False) -> Slices:
+    """The tuned recipe (not in the paper), as one step on the paper's slices; with the defaults it changes
+    nothing. ramp, gamma: B_0 A_0 scaled by group0_gain in group-0 slices. stop_chain_grad: slices of groups
+    >= 1 use sg(B_0). group0_dense: group 0's Phase-1 slice reads X_dense, the stream it serves at deploy."""
+    gain0 = group0_gain(sl.sparsity, sl.group, top0, ramp, gamma)
+    if gain0 is not None:
+        sl = replace(sl, chain=torch.cat([sl.chain[:, :1] * gain0.view(-1, 1), sl.chain[:, 1:]], dim=1))
+    if stop_chain_grad:
+        first = torch.arange(sl.chain.shape[1], device=sl.group.device) == 0
+        sl = replace(sl, frozen=first.view(1, -1) & (sl.group.view(-1, 1) > 0))
+    if group0_dense:
+        sl = replace(sl, dense_input=tuple(g == 0 for g in range(len(sl))))  # group 0 is slice 0
+    return sl
+
+
+def step_slices(cfg: EPTSConfig, sparsity: torch.Tensor, groups: torch.Tensor, nm: torch.Tensor | None) -> Slices:
+    """The slices of one Phase-1 step at its drawn sparsities; the tuned recipe's switches applied last."""
+    return tuned_slices(slices_of(sparsity, groups, len(cfg.groups), nm), cfg.groups[0][1], cfg.group0_ramp,
+                        1.0, cfg.stop_chain_grad, cfg.group0_input == "dense")
+
+
 def cosine_lr(step: int, total: int, base: float) -> float:
     """lr_t = base * (1 + cos(pi * t / T)) / 2: cosine annealing from `base` to 0 over T steps."""
     return base * (1 + math.cos(math.pi * step / total)) / 2
 
 
+class PlainRuntime:
+    """How the loop runs on the hardware: the plain paths, one slice at a time, as the paper reads. The
+    harness's Runtime (below the banner) replaces each method with a faster one tested equal to it and adds
+    checks, progress, timing and checkpoints; the method never names them. None of this is a hyper-parameter."""
+
+    infer_chunk = 8  # samples per no-grad block call (targets, check, Phase 2)
+    weight_fn = staticmethod(elastic_weight)
+    forward_groups = staticmethod(forward_groups)
+
+    def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
+        """Eq. 3's loss of one step, backward; returns the per-group losses."""
+        loss, per_group = phase1_objective(self.forward_groups(block, layers, x, kwargs, slices, x_dense), y)
+        loss.backward()
+        return per_group
+
+    def autocast(self, device: torch.device):  # the harness: bf16 on CUDA
+        return contextlib.nullcontext()
+
+    def compile_step(self, step: Callable, opt, streams, draws, batch_size) -> Callable:  # harness: a CUDA graph
+        return step
+
+    def start(self, model, windows, cfg, device) -> None:  # the harness: one-line checks before any work
+        pass
+
+    def restore(self, model, windows, cfg, state, X_dense):  # the harness: host streams, resume a checkpoint
+        return 0, state, X_dense, X_dense.clone()  # block 0: both streams are the embeddings' output
+
+    def blocks(self, model: nn.Module, device: torch.device, start: int):  # the harness: a progress bar
+        return blocks_on(model, device, start)
+
+    def lap(self, report, stage: str) -> None:  # the harness: seconds per stage
+        pass
+
+    def epoch_done(self, mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:  # harness: progress
+        return mean.tolist()
+
+    def block_done(self, state, cfg, next_block, X_dense, X_mix, windows) -> None:  # the harness: a checkpoint
+        pass
+
+
 def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
-                 kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, runtime: Runtime | None = None,
-                 block_index: int = 0, progress: tqdm | None = None, X_dense: torch.Tensor | None = None
-                 ) -> list[list[float]]:
+                 kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, runtime: PlainRuntime | None = None,
+                 block_index: int = 0, X_dense: torch.Tensor | None = None) -> list[list[float]]:
     """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
     Every step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses
-    and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch."""
-    rt, device, bs = runtime or Runtime(), device_of(block), cfg.batch_size
-    streams = [X_mix, Y] + ([X_dense] if cfg.group0_input == "dense" else [])  # X_dense: tuned recipe only
-    batches = in_chunks(X_mix, bs)
+    and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch.
+    X_dense: only where a slice reads it (the tuned recipe's group 0)."""
+    rt, device = runtime or PlainRuntime(), device_of(block)
+    streams = [S for S in (X_mix, Y, X_dense) if S is not None]
+    batches = in_chunks(X_mix, cfg.batch_size)
     total = cfg.epochs * len(batches)
-    groups, draws, nm = phase1_slices(cfg, total, generator, device)  # s_k for every step, drawn up front
+    groups, draws, nm = phase1_groups(cfg, total, generator, device)  # s_k for every step, drawn up front
     opt = torch.optim.Adam([p for l in layers.values() for p in (l.A, l.B)], lr=cfg.lr, fused=device.type == "cuda")
 
-    def step(s: torch.Tensor, lr: float | torch.Tensor, x: torch.Tensor, y: torch.Tensor, x0=None) -> torch.Tensor:
+    def step(s: torch.Tensor, lr: float | torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_dense=None):
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        gain0 = group0_gain(s, groups, cfg.groups[0][1], cfg.group0_ramp)  # None in the paper's recipe
-        with autocast(rt, device):  # bf16 matmuls on CUDA (harness)
-            if rt.low_memory:  # the same gradient of Eq. 3, one group at a time (harness)
-                per_group = backward_by_group(block, layers, x, y, kwargs, s, groups, nm, gain0, x0)
-            else:
-                loss, per_group = phase1_objective(forward_groups(block, layers, x, kwargs, s, groups,
-                                                                  rt.reference_loop, nm, gain0, x0), y)
-        if not rt.low_memory:
-            loss.backward()
+        per_group = rt.phase1_backward(block, layers, x, y, kwargs, step_slices(cfg, s, groups, nm), x_dense)
         opt.step()
         return per_group
 
-    step = maybe_cuda_graph(step, opt, rt, streams, draws, bs)  # same step, recorded once (harness)
+    step = rt.compile_step(step, opt, streams, draws, cfg.batch_size)
     history = []
     for epoch in range(cfg.epochs):
         epoch_loss = torch.zeros(len(groups), device=device)
         for t, batch in enumerate(batches, start=epoch * len(batches)):
             epoch_loss += step(draws[t], cosine_lr(t, total, cfg.lr), *(S[batch].to(device) for S in streams))
-            show_progress(progress, 1)
-        history.append(finite_losses(epoch_loss / len(batches), block_index, epoch))  # one host sync per epoch
-        show_progress(progress, 0, block=block_index, epoch=epoch, loss=f"{sum(history[-1]):.4g}")
+        history.append(rt.epoch_done(epoch_loss / len(batches), block_index, epoch))  # one host sync per epoch
     return history
 
 
 @torch.no_grad()
 def stream_loss(block: nn.Module, layers: dict[str, HiLoRALinear], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
-                sparsity: torch.Tensor, group: torch.Tensor, chunk: int, gain0: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """l(f(X; W_g), Y) over a whole stream for G (sparsity, group) pairs, `chunk` samples at a time -> float64 [G]."""
-    loss = torch.zeros(len(group), dtype=torch.float64, device=sparsity.device)
-    for sl in in_chunks(X, chunk):
-        out = forward_groups(block, layers, X[sl], kwargs, sparsity, group, gain0=gain0)
+                slices: Slices, runtime: PlainRuntime | None = None) -> torch.Tensor:
+    """l(f(X; W_g), Y) over a whole stream for the G slices, a chunk of samples at a time -> float64 [G]."""
+    rt = runtime or PlainRuntime()
+    loss = torch.zeros(len(slices), dtype=torch.float64, device=slices.sparsity.device)
+    for sl in in_chunks(X, rt.infer_chunk):
+        out = rt.forward_groups(block, layers, X[sl], kwargs, slices)
         loss += recon_loss(out, Y[sl].to(out.device).unsqueeze(0)).double() * len(out[0])  # a mean over samples
     return loss / len(X)
 
 
 @torch.no_grad()
 def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
-                    kwargs: dict, cfg: EPTSConfig, chunk: int = 8) -> tuple[bool, dict[str, float]]:
+                    kwargs: dict, cfg: EPTSConfig, runtime: PlainRuntime | None = None
+                    ) -> tuple[bool, dict[str, float]]:
     """Keep the group-0 adapter only if it lowers l(f(X_dense; W_s), Y) at s = 0.3 compared to the mask alone."""
     if cfg.low_check_sparsity is None:
         return True, {}
     s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=device_of(block))
     group = torch.tensor([0, NO_ADAPTER], device=s.device)  # with the group-0 adapter / mask only
-    with_adapter, mask_only = stream_loss(block, layers, X_dense, Y, kwargs, s, group, chunk).tolist()
+    slices = slices_of(s, group, len(cfg.groups))
+    with_adapter, mask_only = stream_loss(block, layers, X_dense, Y, kwargs, slices, runtime).tolist()
     return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
 
 
 @torch.no_grad()
 def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
-                 kwargs: dict, cfg: EPTSConfig, chunk: int = 8, gammas: int = 5, points: int = 4
-                 ) -> tuple[float, dict[str, list[float]]]:
+                 kwargs: dict, cfg: EPTSConfig, runtime: PlainRuntime | None = None, gammas: int = 5,
+                 points: int = 4) -> tuple[float, dict[str, list[float]]]:
     """Tuned recipe, in place of the on/off check: the block's gain gamma on B_0 A_0 in group 0 (group0_gain),
 
         gamma = argmin_{gamma in {0, 1/4, .., 1}}  sum_s  l(f(X_dense; W_s(gamma)), Y) / l(f(X_dense; W * M(s)), Y)
@@ -563,9 +683,9 @@ def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: tor
     gamma = 0 is the mask alone, so the block's fitted loss is never above the mask's."""
     dev, top0 = device_of(block), cfg.groups[0][1]
     s = torch.arange(1, points + 1, dtype=torch.float64, device=dev) * top0 / points
-    group = torch.zeros(points, dtype=torch.long, device=dev)
-    loss = torch.stack([stream_loss(block, layers, X_dense, Y, kwargs, s, group, chunk,
-                                    group0_gain(s, group, top0, cfg.group0_ramp, gamma))
+    paper = slices_of(s, torch.zeros(points, dtype=torch.long, device=dev), len(cfg.groups))
+    loss = torch.stack([stream_loss(block, layers, X_dense, Y, kwargs,
+                                    tuned_slices(paper, top0, cfg.group0_ramp, gamma), runtime)
                         for gamma in torch.linspace(0, 1, gammas).tolist()])  # [gammas, points]
     relative = (loss / loss[:1]).sum(1)
     return int(relative.argmin()) / (gammas - 1), {"relative_loss": relative.tolist(), "mask_only": loss[0].tolist()}
@@ -573,21 +693,22 @@ def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: tor
 
 @torch.no_grad()
 def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, kwargs: dict,
-               cfg: EPTSConfig, generator: torch.Generator, low_group_enabled: bool, chunk: int = 8,
-               low_gain: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+               cfg: EPTSConfig, generator: torch.Generator, low_gain: float = 1.0,
+               runtime: PlainRuntime | None = None) -> tuple[torch.Tensor, list[float]]:
     """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4).
 
-    Group 0 runs with the mask only when the check switched its adapter off (with its gain in the tuned
-    recipe): that is what deploy will use.
-    """
+    low_gain: group 0's adapter as deploy will use it: 1 kept, 0 switched off by the check (the mask alone),
+    the fitted gain in the tuned recipe."""
+    rt = runtime or PlainRuntime()
     s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(device_of(block))
     group = torch.arange(len(cfg.groups), device=s.device)
-    if not low_group_enabled:
+    if low_gain == 0:
         group[0] = NO_ADAPTER
-    gain0 = group0_gain(s, group, cfg.groups[0][1], cfg.group0_ramp, low_gain)
+    slices = tuned_slices(slices_of(s, group, len(cfg.groups)), cfg.groups[0][1], cfg.group0_ramp,
+                          low_gain if low_gain else 1.0)
     mixed = empty_stream_like(X_mix)
-    for sl in in_chunks(X_mix, chunk):
-        outputs = forward_groups(block, layers, X_mix[sl], kwargs, s, group, gain0=gain0)
+    for sl in in_chunks(X_mix, rt.infer_chunk):
+        outputs = rt.forward_groups(block, layers, X_mix[sl], kwargs, slices)
         mixed[sl] = mix_features(outputs.float(), cfg.mixer).to(X_mix.dtype)
     return mixed, s.tolist()
 
@@ -608,7 +729,8 @@ class BlockReport:
 class ElasticState:
     """The elastic model minus its base weights: everything needed to deploy at any sparsity. adapters[key] =
     (A [K, r, in], B [K, out, r]), act_norms[key] = ||X_j||_2 [in] of the dense inputs, key "<block>.<linear>";
-    the masks are re-derived from the base weights and the norms."""
+    the masks are re-derived from the base weights and the norms. group0_gains[i]: block i's B_0 A_0 in group
+    0: 1 or 0 (the low-group check), or the tuned recipe's fitted gain."""
 
     groups: list[tuple[float, float]]
     mixer: list[float]
@@ -619,82 +741,72 @@ class ElasticState:
     group0_ramp: bool = False  # tuned recipe: B_0 A_0 scaled by s / hi_0 inside group 0
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    group0_gains: list[float] = field(default_factory=list)
     reports: list[BlockReport] = field(default_factory=list)
 
     @property
     def low_group_enabled(self) -> list[bool]:
-        return [r.low_group_enabled for r in self.reports]
+        return [g > 0 for g in self.group0_gains]
 
 
 def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor, X_mix: torch.Tensor,
-                   kwargs: dict, cfg: EPTSConfig, block_index: int, runtime: Runtime | None = None,
-                   progress: tqdm | None = None) -> tuple[dict, dict, BlockReport, torch.Tensor, torch.Tensor]:
+                   kwargs: dict, cfg: EPTSConfig, block_index: int, runtime: PlainRuntime | None = None
+                   ) -> tuple[dict, dict, BlockReport, torch.Tensor, torch.Tensor]:
     """Both phases for one block (on the compute device, in fp32) -> (adapters, act_norms, report,
     next X_dense = f(X_dense; W), next X_mix = sum_k w_k f(X_mix; W_{s_k}))."""
-    rt = runtime or Runtime()
-    report, clock = BlockReport(), Stopwatch(X_dense.device)
+    rt = runtime or PlainRuntime()
+    report, dev = BlockReport(), device_of(block)
     # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
     Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, rt.infer_chunk)
-    report.seconds["targets"] = clock.lap()
+    rt.lap(report, "targets")
     trainable = {p: p.requires_grad for p in block.parameters()}
     block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
-    layers = attach_hilora(block, names, norms, cfg, generator)
+    layers = attach_hilora(block, names, norms, cfg, generator, rt.weight_fn)
     try:
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, rt, block_index,
-                                           progress, X_dense)
-        report.seconds["phase1"] = clock.lap()
-        with autocast(rt, device_of(block)):  # the elastic no-grad passes in Phase 1's precision (harness)
-            if cfg.low_gain == "fit":
-                report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt.infer_chunk)
+                                           X_dense if cfg.group0_input == "dense" else None)
+        rt.lap(report, "phase1")
+        with rt.autocast(dev):  # the elastic no-grad passes in Phase 1's precision
+            if cfg.low_gain == "fit":  # the tuned recipe: a fitted gain instead of the on/off check
+                report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt)
                 report.low_group_enabled = report.low_gain > 0
             else:
-                report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg,
-                                                                             rt.infer_chunk)
-            report.seconds["low_check"] = clock.lap()
+                report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs,
+                                                                             cfg, rt)
+            rt.lap(report, "low_check")
             X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
-                                                      report.low_group_enabled, rt.infer_chunk, report.low_gain)
-        report.seconds["phase2"] = clock.lap()
+                                                      report.low_gain * report.low_group_enabled, rt)
+        rt.lap(report, "phase2")
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
         detach_hilora(block, layers)
         for p, flag in trainable.items():
             p.requires_grad_(flag)
-    report.seconds["total"] = sum(report.seconds.values())
     return adapters, {n: v.cpu() for n, v in norms.items()}, report, Y, X_mix
 
 
 def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: str | torch.device = "cpu",
-             base_model: str = "", verbose: bool = True, checkpoint: str | None = None, resume: bool = False,
-             runtime: Runtime | None = None) -> ElasticState:
+             base_model: str = "", runtime: PlainRuntime | None = None) -> ElasticState:
     """EPTS: capture block 0's inputs, then for every block run Phase 1, the low-group check and Phase 2. Only
-    the current block is moved to `device` (in fp32). With `checkpoint`, the state and both streams are saved
-    after every block; `resume=True` continues after the last one with the same result as a straight run."""
-    device = torch.device(device)
-    preflight(model, windows, cfg, device)  # one-line errors before any work (harness)
+    the current block is moved to `device` (in fp32). runtime: how it runs (default: the plain paths; the
+    harness's Runtime() is faster and adds checks, a progress bar and checkpoints with resume)."""
+    rt, device = runtime or PlainRuntime(), torch.device(device)
+    rt.start(model, windows, cfg, device)
     _, names = arch_of(model)
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
-    X_dense = stream_home(X_dense, device, runtime)  # host memory with Runtime.low_memory (harness)
-    X_mix = stream_home(X_dense.clone(), device, runtime)  # block 0: both streams are the embeddings' output
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, fingerprint=fingerprint(model), base_dtype=weight_dtype(model),
+                         base_model=base_model, base_dtype=str(next(iter(pruned_linears(model).values())).weight.dtype),
                          group0_ramp=cfg.group0_ramp)
-    start = 0
-    if resume and checkpoint and os.path.isfile(checkpoint):
-        state, start, X_dense, X_mix = load_checkpoint(checkpoint, model, cfg, windows, base_model)
-        X_dense, X_mix = stream_home(X_dense, device, runtime), stream_home(X_mix, device, runtime)
-    steps = cfg.epochs * math.ceil(len(windows) / cfg.batch_size)
-    with tqdm(total=steps * len(decoder_blocks(model)), initial=steps * start, desc="EPTS", unit="step",
-              disable=not verbose) as progress:
-        for i, block in blocks_on(model, device, start):
-            adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg,
-                                                                     i, runtime, progress)
-            state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
-            state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
-            state.reports.append(report)
-            if checkpoint:
-                save_checkpoint(checkpoint, state, cfg, i + 1, X_dense, X_mix, windows)
+    start, state, X_dense, X_mix = rt.restore(model, windows, cfg, state, X_dense)
+    for i, block in rt.blocks(model, device, start):
+        adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg, i, rt)
+        state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
+        state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
+        state.group0_gains.append(report.low_gain * report.low_group_enabled)
+        state.reports.append(report)
+        rt.block_done(state, cfg, i + 1, X_dense, X_mix, windows)
     return state
 
 
@@ -720,25 +832,27 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
     result is a plain transformers model with exactly floor(s * in) zeros per row; above the trained range
     the mask alone is deployed, as in the authors' code.
     """
-    per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
+    per_block, K = per_block_sparsities(sparsity, len(decoder_blocks(model))), len(state.groups)
     for key, lin in pruned_linears(model).items():
         i = block_of(key)
         s = pattern(per_block[i])[0]
         k = NO_ADAPTER if s > state.groups[-1][1] else group_of(s, state.groups)
         W = dense[key].to(device or lin.weight.device, torch.float32)
         if k is not None:
-            if k == 0 and not state.low_group_enabled[i]:
-                k = NO_ADAPTER
+            gain0 = state.group0_gains[i]  # 0: the low-group check switched group 0's adapter off
+            k = NO_ADAPTER if k == 0 and gain0 == 0 else k
             A, B = (t.to(W.device) for t in state.adapters[key])
             ranks = ranks_for(wanda_scores(W, state.act_norms[key].to(W.device)), per_block[i])
-            s_k = torch.tensor([s], dtype=torch.float64, device=W.device), torch.tensor([k], device=W.device)
-            gain0 = group0_gain(*s_k, state.groups[0][1], state.group0_ramp, state.reports[i].low_gain)
-            W = elastic_weight(W, ranks, A, B, *s_k, gain0)[0]
+            one = slices_of(torch.tensor([s], dtype=torch.float64, device=W.device), torch.tensor([k], device=W.device), K)
+            one = tuned_slices(one, state.groups[0][1], state.group0_ramp, gain0 or 1.0)  # the paper: unchanged
+            W = elastic_weight(W, ranks, A, B, one.sparsity, one.chain)[0]
         lin.weight.copy_(W.to(lin.weight.dtype))
     return model
 
 
 # ===== harness: nothing below changes the math =====
+
+from tqdm.auto import tqdm  # noqa: E402 - progress bars are the harness's
 
 # 9. Checks, speed and plumbing: validation, runtime options, the CUDA-graph step, one block at a time ---------
 
@@ -825,6 +939,15 @@ def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
                             f"{groups[k - 1][1]} but group {k} starts at {lo}")
 
 
+def measured_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over all pruned linears."""
+    zeros = total = 0
+    for lin in pruned_linears(model).values():
+        zeros += int((lin.weight == 0).sum())
+        total += lin.weight.numel()
+    return zeros / total
+
+
 def finite_losses(mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:
     """The per-group mean losses as numbers; an error naming block and group if one is not finite."""
     values = mean.tolist()
@@ -835,117 +958,150 @@ def finite_losses(mean: torch.Tensor, block_index: int, epoch: int) -> list[floa
     return values
 
 
-def show_progress(progress: tqdm | None, steps: int, **postfix) -> None:
-    """Advance the optimization's progress bar (if any) by `steps` and show where it is (no host sync)."""
-    if progress is not None:
-        progress.update(steps)
-        if postfix:
-            progress.set_postfix(**postfix)
-
-
-def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
-    """Move the tensors of a (nested) argument structure; floating tensors optionally cast to `dtype`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    return obj
-
-
-def measured_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over all pruned linears."""
-    zeros = total = 0
-    for lin in pruned_linears(model).values():
-        zeros += int((lin.weight == 0).sum())
-        total += lin.weight.numel()
-    return zeros / total
-
-
 @dataclass
-class Runtime:
-    """How the method runs on the hardware; none of these is a hyper-parameter of EPTS."""
+class Runtime(PlainRuntime):
+    """The harness's runtime for `optimize`: the same math as PlainRuntime, faster, with checks, a progress bar
+    and checkpoints. Every fast path is tested equal to the plain one it replaces (test_epts.py)."""
 
-    amp: bool = True             # bf16 autocast for the elastic passes, not the dense targets (CUDA; fp32 on CPU)
-    cuda_graph: bool = True      # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
-    reference_loop: bool = False  # one forward per group (a plain loop) instead of all groups in one batch
-    infer_chunk: int = 8         # samples per no-grad forward (targets, check, Phase 2); 2 with --low-memory
-    low_memory: bool = False     # streams in (pinned) host memory, Phase 1 one group at a time
+    amp: bool = True              # bf16 autocast for the elastic passes, not the dense targets (CUDA; fp32 on CPU)
+    cuda_graph: bool = True       # on CUDA, record the Phase-1 step once and replay it (same math, less overhead)
+    reference_loop: bool = False  # the plain loop, one forward per slice, instead of all slices in one batch
+    infer_chunk: int = 8          # samples per no-grad forward (targets, check, Phase 2); 2 with --low-memory
+    low_memory: bool = False      # streams in (pinned) host memory, Phase 1 one group at a time
+    verbose: bool = False         # a progress bar
+    checkpoint: str | None = None  # save the state and both streams after every block
+    resume: bool = False          # continue after the checkpoint's last block: the result of a straight run
+    base_model: str = ""          # the model's name, checked against a checkpoint's
+    progress: Any = field(default=None, repr=False)
+    clock: Any = field(default_factory=lambda: Stopwatch("cuda" if torch.cuda.is_available() else "cpu"), repr=False)
+
+    def forward_groups(self, block, layers, x, kwargs, slices, x_dense=None) -> torch.Tensor:
+        """Speed: all G slices in one block call (x repeated G times along the batch) instead of G calls.
+        Attention, norms and activations act per sample, so this equals the plain loop."""
+        if self.reference_loop:
+            return forward_groups(block, layers, x, kwargs, slices, x_dense)
+        dev, G = device_of(block), len(slices)
+        x = x.to(dev, non_blocking=True)
+        for layer in layers.values():
+            layer.route(slices)
+        if slices.dense_input is None:
+            return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
+        x_dense = x_dense.to(dev, non_blocking=True)
+        return call_block(block, torch.cat([x_dense if d else x for d in slices.dense_input]), kwargs).view(G, *x.shape)
+
+    def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
+        """bf16 autocast on CUDA (amp); with low_memory the same gradient one group at a time (backward_by_group)."""
+        with self.autocast(device_of(block)):
+            if self.low_memory:
+                return backward_by_group(self, block, layers, x, y, kwargs, slices, x_dense)
+            return PlainRuntime.phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense)
+
+    def weight_fn(self, weight, ranks, A, B, sparsity, chain, frozen=None) -> torch.Tensor:
+        """elastic_weight with its masked merge fused in Phase 1 on the GPU (fused_merge)."""
+        from torch.utils._triton import has_triton  # torch.compile's GPU backend
+        training = torch.is_grad_enabled() and B.requires_grad and B.is_cuda and torch.is_autocast_enabled()
+        if not (training and has_triton() and not weight.requires_grad):
+            return elastic_weight(weight, ranks, A, B, sparsity, chain, frozen)
+        n = prune_count(sparsity, ranks.shape[-1]).view(-1, 1, 1)  # mask_from_ranks(ranks, s) = ranks >= n
+        return fused_merge()(weight.detach(), chained_delta(A, B, chain, frozen), ranks, n)
+
+    def compile_step(self, step, opt, streams, draws, batch_size) -> Callable:
+        return maybe_cuda_graph(step, opt, self, streams, draws, batch_size)
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """bf16 autocast of the elastic passes (Phase 1, the low-group check, Phase 2) on CUDA with amp; the dense
+        targets stay fp32, so the reference every block is fitted to is exact. A no-op on the CPU."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda")
+
+    def stream(self, X: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A stream on the compute device, or in pinned host memory with low_memory, moved to the device a batch
+        or chunk at a time (the same numbers, less device memory)."""
+        if not self.low_memory:
+            return X.to(device)
+        X = X.cpu()
+        return X.pin_memory() if torch.cuda.is_available() else X
+
+    def start(self, model, windows, cfg, device) -> None:
+        preflight(model, windows, cfg, device)
+        self.epochs, self.steps = cfg.epochs, cfg.epochs * math.ceil(len(windows) / cfg.batch_size)  # per block
+        self.clock = Stopwatch(device)
+
+    def restore(self, model, windows, cfg, state, X_dense):
+        state.fingerprint, device = fingerprint(model), X_dense.device
+        X_dense = self.stream(X_dense, device)
+        X_mix = self.stream(X_dense.clone(), device)
+        if not (self.resume and self.checkpoint and os.path.isfile(self.checkpoint)):
+            return 0, state, X_dense, X_mix
+        state, start, X_dense, X_mix = load_checkpoint(self.checkpoint, model, cfg, windows, self.base_model)
+        return start, state, self.stream(X_dense, device), self.stream(X_mix, device)
+
+    def blocks(self, model, device, start):
+        n = len(decoder_blocks(model))
+        with tqdm(total=self.steps * n, initial=self.steps * start, desc="EPTS", unit="step",
+                  disable=not self.verbose) as self.progress:
+            for i, block in blocks_on(model, device, start):
+                self.clock.lap()
+                yield i, block
+        self.progress = None
+
+    def lap(self, report, stage: str) -> None:
+        report.seconds[stage] = self.clock.lap()
+
+    def epoch_done(self, mean, block_index, epoch) -> list[float]:
+        """The epoch's losses, checked finite; the progress bar advances by the epoch's steps."""
+        losses = finite_losses(mean, block_index, epoch)
+        if self.progress is not None:
+            self.progress.update(self.steps // self.epochs)
+            self.progress.set_postfix(block=block_index, epoch=epoch, loss=f"{sum(losses):.4g}")
+        return losses
+
+    def block_done(self, state, cfg, next_block, X_dense, X_mix, windows) -> None:
+        state.reports[-1].seconds["total"] = sum(state.reports[-1].seconds.values())
+        if self.checkpoint:
+            save_checkpoint(self.checkpoint, state, cfg, next_block, X_dense, X_mix, windows)
 
 
-def autocast(runtime: Runtime, device: torch.device) -> torch.autocast:
-    """bf16 autocast of the elastic passes (Phase 1, the low-group check, Phase 2) on CUDA with Runtime.amp; the
-    dense targets stay fp32, so the reference every block is fitted to is exact. A no-op on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.amp and device.type == "cuda")
-
-
-def device_of(block: nn.Module) -> torch.device:
-    """Where the block computes; its streams may live elsewhere (host memory, Runtime.low_memory)."""
-    return next(block.parameters()).device
-
-
-def stream_home(X: torch.Tensor, device: torch.device, runtime: Runtime | None) -> torch.Tensor:
-    """Where a stream (X_dense, X_mix, targets) lives: on the compute device, or in pinned host memory with
-    Runtime.low_memory, moved to the device a batch or chunk at a time (the same numbers, less device memory)."""
-    if not (runtime and runtime.low_memory):
-        return X.to(device)
-    X = X.cpu()
-    return X.pin_memory() if torch.cuda.is_available() else X
-
-
-def empty_stream_like(X: torch.Tensor) -> torch.Tensor:
-    """An empty stream where X lives: on its device, or in pinned host memory if X is pinned (fast copies)."""
-    return torch.empty(X.shape, dtype=X.dtype, device=X.device, pin_memory=X.is_pinned())
-
-
-def backward_by_group(block: nn.Module, layers: dict, x: torch.Tensor, y: torch.Tensor, kwargs: dict,
-                      s: torch.Tensor, groups: torch.Tensor, nm: torch.Tensor | None, gain0: torch.Tensor | None,
-                      x0: torch.Tensor | None) -> torch.Tensor:
-    """Runtime.low_memory's Phase-1 backward: the gradient of Eq. 3 accumulated one group at a time -- the same
-    sum as phase1_objective over all groups (O_0 is computed first and guides the others detached), with one
-    group's activations and masked weights in memory instead of K. Returns the per-group losses."""
-    def run(g: int) -> torch.Tensor:
-        pick = (lambda t: None if t is None else t[g:g + 1])
-        return forward_groups(block, layers, x0 if g == 0 and x0 is not None else x, kwargs, s[g:g + 1],
-                              groups[g:g + 1], False, pick(nm), pick(gain0))
-    O_0 = run(0)
+def backward_by_group(rt: Runtime, block: nn.Module, layers: dict, x: torch.Tensor, y: torch.Tensor, kwargs: dict,
+                      slices: Slices, x_dense: torch.Tensor | None) -> torch.Tensor:
+    """Memory: the gradient of Eq. 3 accumulated one group at a time -- the same sum as phase1_objective over
+    all groups (O_0 is computed first and guides the others detached), with one group's activations and masked
+    weights in memory instead of K. Returns the per-group losses."""
+    O_0 = rt.forward_groups(block, layers, x, kwargs, slices[0], x_dense)
     loss, per_group = phase1_objective(O_0, y)
     loss.backward()
     losses, guide = [per_group[0]], O_0.detach()
-    for g in range(1, len(groups)):
-        loss, per_group = phase1_objective(torch.cat([guide, run(g)]), y)  # L_0 of the detached guide: no grad
+    for g in range(1, len(slices)):
+        O_g = rt.forward_groups(block, layers, x, kwargs, slices[g], x_dense)
+        loss, per_group = phase1_objective(torch.cat([guide, O_g]), y)  # L_0 of the detached guide: no grad
         loss.backward()
         losses.append(per_group[1])
     return torch.stack(losses)
 
 
 def plain_merge(weight: torch.Tensor, delta: torch.Tensor, ranks: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """(W + delta) * M with M = ranks >= n (mask_from_ranks), in delta's dtype (bf16 under autocast, where the bmm
-    would round it anyway)."""
+    """elastic_weight's last line, (W + delta) * M with M = ranks >= n, for torch.compile."""
     return ((weight + delta) * (ranks >= n)).to(delta.dtype)
 
 
 @functools.cache
 def fused_merge() -> Callable:
-    """plain_merge compiled once per process into one kernel for the forward and one for the backward."""
+    """Speed: at 7B the ~8 eager memory passes over [G, out, in] of a Phase-1 step's merge cost more than the
+    block's matmuls; compiled once per process, it is one kernel for the forward and one for the backward. Same
+    numbers: the sum is fp32, rounded once, and * M is exact (only the gradient's memory layout may differ)."""
     return torch.compile(plain_merge, dynamic=True)
 
 
-def masked_merge(weight: torch.Tensor, delta: torch.Tensor, ranks: torch.Tensor, sparsity: torch.Tensor
-                 ) -> torch.Tensor:
-    """The last step of Eq. 2 (elastic_weight): (W + delta) * M(s) for G stacked deltas [G, out, in].
+class Stopwatch:
+    """Wall-clock laps that wait for the GPU to finish (one sync per lap, never inside a training step)."""
 
-    Speed only: at 7B the ~8 eager memory passes over [G, out, in] of a Phase-1 step cost more than the block's
-    matmuls, so there (CUDA autocast, Runtime.amp) it runs fused. Same numbers: the sum is fp32, rounded once,
-    and * M is exact (only the gradient's memory layout may differ, and with it the next matmul's rounding).
-    The no-grad passes merge once per chunk of samples and stay plain."""
-    from torch.utils._triton import has_triton  # torch.compile's GPU backend; without it, the plain expression
-    n = prune_count(sparsity, ranks.shape[-1]).view(-1, 1, 1)  # mask_from_ranks(ranks, sparsity) = ranks >= n
-    phase1_on_gpu = delta.requires_grad and delta.is_cuda and torch.is_autocast_enabled() and has_triton()
-    if phase1_on_gpu and not weight.requires_grad:  # detached: dynamo would compile a Parameter for its one shape
-        return fused_merge()(weight.detach(), delta, ranks, n)
-    return plain_merge(weight, delta, ranks, n)
+    def __init__(self, device: torch.device | str):
+        self.device, self.t = torch.device(device), time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t
 
 
 def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, streams: Sequence[torch.Tensor],
@@ -987,56 +1143,7 @@ def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtim
     return replay
 
 
-class Stopwatch:
-    """Wall-clock laps that wait for the GPU to finish (one sync per lap, never inside a training step)."""
-
-    def __init__(self, device: torch.device | str):
-        self.device, self.t = torch.device(device), time.perf_counter()
-
-    def lap(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t, self.t = self.t, time.perf_counter()
-        return self.t - t
-
-
-def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
-    """Yield (index, block) for blocks >= start, each moved to `device` in fp32 while it is worked on and moved
-    back to where (and in the dtype) it was loaded afterwards: only one block is on the accelerator at a time."""
-    for i, block in enumerate(decoder_blocks(model)):
-        if i < start:
-            continue
-        p = next(block.parameters())
-        home, home_dtype = p.device, p.dtype
-        block.to(device, torch.float32)
-        try:
-            yield i, block
-        finally:
-            block.to(home, home_dtype)
-
-
 # 10. Sparsity patterns (N:M), dense weights, 2:4 kernels where they are faster -------------------------------------
-
-def pattern(sparsity: float | str) -> tuple[float, int | None]:
-    """A sparsity as (fraction pruned, M): 0.5 -> (0.5, None) unstructured; "2:4" -> (0.5, 4), N of every M."""
-    if isinstance(sparsity, str):
-        n, _, m = sparsity.partition(":")
-        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-            raise EPTSError(f"a sparsity pattern is a number or N:M with 0 < N < M (e.g. 2:4), got '{sparsity}'")
-        return int(n) / int(m), int(m)
-    return float(sparsity), None
-
-
-def ranks_for(scores: torch.Tensor, sparsity: float | str | None) -> torch.Tensor:
-    """row_ranks for an unstructured sparsity, nm_ranks for an N:M pattern."""
-    m = pattern(sparsity)[1] if sparsity is not None else None
-    return row_ranks(scores) if m is None else nm_ranks(scores, m)
-
-
-def snapshot_linears(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every pruned linear's dense weight: deploy and every baseline start from these."""
-    return {k: lin.weight.detach().to("cpu", copy=True) for k, lin in pruned_linears(model).items()}
-
 
 @torch.no_grad()
 def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
@@ -1470,8 +1577,8 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
     if method == "dedicated":
         if not isinstance(sparsity, (int, float, str)):
             raise EPTSError("--method dedicated trains one uniform sparsity; use --schedule uniform")
-        single = optimize(model, windows, dedicated_config(cfg, sparsity), device, base_model, verbose,
-                          runtime=runtime)
+        single = optimize(model, windows, dedicated_config(cfg, sparsity), device, base_model,
+                          replace(runtime or Runtime(), verbose=verbose))
         return deploy(model, single, sparsity, dense, device)
     if method == "wanda":
         return prune_wanda(model, windows, sparsity, device, verbose)
@@ -1540,7 +1647,7 @@ def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> d
 def _state_header(state: ElasticState) -> dict:
     return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
             "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
-            "base_dtype": state.base_dtype, "group0_ramp": state.group0_ramp,
+            "base_dtype": state.base_dtype, "group0_ramp": state.group0_ramp, "group0_gains": state.group0_gains,
             "reports": [asdict(r) for r in state.reports]}
 
 
@@ -1549,6 +1656,7 @@ def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
                          base_model=header["base_model"], fingerprint=header["fingerprint"],
                          base_dtype=header.get("base_dtype", ""), group0_ramp=header.get("group0_ramp", False),
                          reports=[BlockReport(**r) for r in header["reports"]])
+    state.group0_gains = header.get("group0_gains", [r.low_gain * r.low_group_enabled for r in state.reports])
     for name in tensors:
         if name.endswith(".act_norm"):
             key = name[: -len(".act_norm")]
@@ -2172,7 +2280,8 @@ def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch
                       runtime: Runtime, device: torch.device, checkpoint: str | None) -> tuple[ElasticState, float]:
     """Optimize the elastic state; --save writes it and removes the then finished checkpoint."""
     t0 = time.perf_counter()
-    state = optimize(model, windows, cfg, device, args.model, not args.quiet, checkpoint, args.resume, runtime)
+    state = optimize(model, windows, cfg, device, args.model, replace(runtime, verbose=not args.quiet,
+                     checkpoint=checkpoint, resume=args.resume, base_model=args.model))
     seconds = time.perf_counter() - t0
     if args.save:
         save_elastic(state, args.save, getattr(torch, args.save_dtype), seqlen=windows.shape[-1])

@@ -33,7 +33,7 @@ def main() -> None:
     for path in a.models:
         model, tok = epts.load_model(path, "float32", torch.device("cpu"), verbose=False)
         windows = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        state = epts.optimize(model, windows, epts.EPTSConfig(epochs=1), verbose=False)  # sizes only
+        state = epts.optimize(model, windows, epts.EPTSConfig(epochs=1))  # sizes only
         base = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         n_base = sum(p.numel() for p in model.parameters())
         n_ad, n_norm = elastic_params([tuple(l.weight.shape) for l in epts.pruned_linears(model).values()])

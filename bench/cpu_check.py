@@ -37,7 +37,7 @@ def main() -> int:
     dense = epts.snapshot_linears(model)
     evaluate = lambda s: {"wikitext2": epts.perplexity(model, tokens, a.seqlen)}  # noqa: E731
     ppl = {"dense": evaluate(0.0)["wikitext2"]}
-    state = epts.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu", a.model, verbose=False)
+    state = epts.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu", a.model, epts.Runtime())
     for method in ("epts", "wanda"):  # the elastic model deployed; Wanda pruned once per sparsity
         for row in epts.sweep(model, method, a.sparsities, dense, evaluate, state=state, windows=windows):
             ppl[f"{method} {row['sparsity']}"] = row["ppl"]["wikitext2"]

@@ -82,7 +82,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     if "epts-nm" in a.methods:  # not the paper's recipe: the group of 0.5 also trained on 2:4 masks
         nm_cfg = dataclasses.replace(cfg, nm_train=NM[0])
         clock = epts.Stopwatch(device)
-        nm_state = epts.optimize(model, windows, nm_cfg, device, path, verbose=False)
+        nm_state = epts.optimize(model, windows, nm_cfg, device, path, epts.Runtime())
         out["epts_nm_optimize_seconds"] = clock.lap()
         record("epts", SPARSITIES + NM, label="epts-nm", state=nm_state)
     if "epts-tuned" in a.methods:  # the tuned recipe (not the paper's): epts.recipe_config("tuned")
@@ -90,7 +90,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         for label, overrides in variants.items():
             clock = epts.Stopwatch(device)
             tuned = epts.optimize(model, windows, epts.recipe_config("tuned", epochs=a.epochs, seed=a.seed,
-                                                                     **overrides), device, path, verbose=False)
+                                                                     **overrides), device, path, epts.Runtime())
             out[f"{label}_optimize_seconds".replace("-", "_")] = clock.lap()
             out[f"{label}_gains".replace("-", "_")] = [r.low_gain if r.low_group_enabled else 0.0
                                                        for r in tuned.reports]
@@ -104,7 +104,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
             for recipe in ("paper", "tuned"):
                 clock = epts.Stopwatch(device)
                 st = epts.optimize(model, few, epts.recipe_config(recipe, epochs=a.epochs, seed=a.seed), device, path,
-                                   verbose=False)
+                                   epts.Runtime())
                 label = f"epts{'-tuned' if recipe == 'tuned' else ''}-n{n}"
                 out[f"{label}_optimize_seconds".replace("-", "_")] = clock.lap()
                 record("epts", [0.5, 0.7], label=label, state=st)
@@ -114,7 +114,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     if not {"epts", "epts-owl", "mask-only"} & set(a.methods):
         return out
     clock = epts.Stopwatch(device)
-    state = epts.optimize(model, windows, cfg, device, path, verbose=False)
+    state = epts.optimize(model, windows, cfg, device, path, epts.Runtime())
     out["epts_optimize_seconds"] = clock.lap()
     out["epts_blocks"] = [{"low_group_enabled": r.low_group_enabled, "low_check": r.low_check,
                            "seconds": r.seconds, "loss_first_epoch": r.loss_history[0],

@@ -67,7 +67,7 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        state = epts.optimize(model, windows, cfg, device, verbose=False, runtime=runtime)
+        state = epts.optimize(model, windows, cfg, device, runtime=runtime)
         wall = time.perf_counter() - t0
         return state, wall, torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
 
@@ -76,12 +76,12 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     # inside the timed per-block stages that the projection multiplies by 10 epochs x n_layers
     t0 = time.perf_counter()
     for rt in [None] + ([] if a.no_low_memory else [low_rt]):
-        epts.optimize(model, windows[:2], cfg, device, verbose=False, runtime=rt)
+        epts.optimize(model, windows[:2], cfg, device, runtime=rt)
     warmup = time.perf_counter() - t0
     state, wall, peak = timed()
     # Runtime.low_memory: streams in pinned host memory, Phase 1 one group at a time
     low = None if a.no_low_memory else timed(low_rt)
-    ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, verbose=False)
+    ded = epts.optimize(model, windows, epts.dedicated_config(cfg, 0.5), device, runtime=epts.Runtime())
     names = epts.arch_of(model)[1]
     head_dim = shape["hidden"] // shape["heads"]
     flops = step_flops(epts.decoder_blocks(model)[0], names, len(cfg.groups), a.seqlen, shape["heads"] * head_dim)

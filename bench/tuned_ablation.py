@@ -57,7 +57,7 @@ def main() -> None:
         for name in names:
             cfg = epts.EPTSConfig(epochs=a.epochs, **variants[name])
             clock = epts.Stopwatch(device)
-            state = epts.optimize(model, windows, cfg, device, path, verbose=False)
+            state = epts.optimize(model, windows, cfg, device, path, epts.Runtime())
             seconds = clock.lap()
             runs = [(name, state)] + ([("mask-only", mask_only(state))] if name == "paper" else [])
             for label, st in runs:
