@@ -1,10 +1,15 @@
-"""The command line end to end on a full-size checkpoint (issue 12): build a random-weight LLaMA-7B- or
-OPT-1.3B-shaped model from a config, save it in bf16 to local disk (never the repo), then run
-`python epts.py` on it -- load, calibrate, optimize every block, export at one sparsity, evaluate on a slice --
-and check that the export loads with plain transformers and has exactly floor(s * in) zeros per row.
+"""The command line end to end on a full-size checkpoint: build a random-weight LLaMA-7B- or OPT-1.3B-shaped
+model from a config, save it in bf16 to local disk (never the repo), then run `python epts.py` on it -- load,
+calibrate, optimize every block, export at one sparsity, evaluate on a slice -- and check that the export loads
+with plain transformers and has exactly floor(s * in) zeros per row.
 
-    python bench/e2e.py --shape llama-7b --workdir /tmp/e2e --out $OUT/e2e.json   # on the GPU machine
-    python bench/e2e.py --shape tiny --workdir /tmp/e2e-tiny                      # a CPU smoke test
+    python bench/e2e.py --shape llama-7b --workdir /tmp/e2e --nsamples 16 --low-memory   # on the GPU machine
+    python bench/e2e.py --shape tiny --workdir /tmp/e2e-tiny --out /tmp/e2e.json \
+        --tokenizer ../shared/models/llama-mini --calib ../shared/data/calib.txt \
+        --eval ../shared/data/wikitext2/test.txt                                      # a CPU smoke test
+
+The result goes into --out (default bench/scale.json) under "e2e" -> the shape, next to bench/scale.py's
+numbers; other entries of the file are kept.
 
 Random weights: time and memory do not depend on the values, perplexities are meaningless. The tokenizer is
 the stand-ins' (byte-level BPE, 8192 ids, from --tokenizer), which only ever produces ids below the vocab size.
@@ -69,7 +74,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--out", default="e2e.json")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.json"),
+                   help='a JSON file to put the result in, under "e2e" -> --shape (other entries are kept)')
     p.add_argument("--low-memory", action="store_true", help="pass --low-memory to the CLI")
     a = p.parse_args()
     shape = TINY if a.shape == "tiny" else SHAPES[a.shape]
@@ -100,8 +106,13 @@ def main() -> None:
         res["dense_ppl"] = cli["dense"]
         res["export"] = check_export(export_dir, a.sparsity)
     print(json.dumps(res, indent=1, default=str))
+    everything = {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            everything = json.load(f)
+    everything.setdefault("e2e", {})[a.shape] = res
     with open(a.out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
+        json.dump(everything, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """What a full-size EPTS run costs: time and memory per block for LLaMA-7B- and OPT-1.3B-shaped models with
 random weights (time and memory do not depend on weight values), extrapolated to the whole model.
 
-    python bench/scale.py                      # on the GPU machine; writes bench/scale.json
-    python bench/scale.py --tiny --device cpu  # a seconds-long smoke test of this script
-    torchrun --nproc-per-node N bench/scale.py --shapes llama-7b   # N GPUs: the `multi_gpu` key (issue 23)
+    python bench/scale.py                      # on the GPU machine; updates bench/scale.json's "models"
+    python bench/scale.py --tiny --device cpu --out /tmp/scale.json  # a seconds-long smoke test of this script
+    torchrun --nproc-per-node N bench/scale.py --shapes llama-7b     # N GPUs: the `multi_gpu` key
 
 For each shape: build `--blocks` decoder blocks from a config, calibrate on random tokens (128 x 2048 by
 default), run EPTS with `--epochs` epochs (default 1, scaled linearly to the paper's 10: Phase-1 time is
@@ -79,7 +79,8 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     cfg = epts.EPTSConfig(epochs=a.epochs)
 
     def timed(runtime: epts.Runtime | None = None) -> tuple[epts.ElasticState, float, float]:
-        """(state, wall seconds, peak GPU GiB) of one optimize with `runtime`."""
+        """(state, wall seconds, peak GPU GiB) of one optimize with `runtime` (default: the harness's Runtime(),
+        as the command line runs; optimize's own default, the plain paths, records no stage times)."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -223,13 +224,20 @@ def main() -> None:
     if "WORLD_SIZE" in os.environ:  # torchrun: a process group for N > 1, cuda:LOCAL_RANK
         return main_ranks(a, epts.start_ranks(device, len(epts.GROUPS)))
     import transformers
-    res = {"env": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "transformers": transformers.__version__,
-                   "command": "python " + " ".join(sys.argv)}, "models": {}}
+    res = {}
+    if os.path.exists(a.out):  # keep the other shapes and bench/e2e.py's "e2e" entries of the file
+        with open(a.out) as f:
+            res = json.load(f)
+    res.setdefault("models", {})
+    env = res.setdefault("env", {})
+    env.pop("code", None)
+    env.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+               transformers=transformers.__version__)
     for name, shape in (TINY if a.tiny else SHAPES).items():
         if name not in (a.shapes or (TINY if a.tiny else DEFAULT)):
             continue
         res["models"][name] = measure(name, shape, a, device)
+        env.setdefault("commands", {})[name] = "python " + " ".join(sys.argv)
         with open(a.out, "w") as f:  # after every shape: a run cut short keeps what it finished
             json.dump(res, f, indent=1)
 

@@ -1,4 +1,4 @@
-"""Issue 11 ablation: every switch of the tuned recipe alone and together, on the stand-ins.
+"""The tuned recipe's ablation: every switch alone and together, on the stand-ins.
 
     python bench/tuned_ablation.py --models .cache/models/opt-mini .cache/models/llama-mini \
         --calib .cache/data/calib.txt --eval .cache/data/wikitext2/test.txt --out bench/tuned_ablation.json
