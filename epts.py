@@ -123,6 +123,11 @@ def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{i}.{n}": block.get_submodule(n) for i, block in enumerate(decoder_blocks(model)) for n in names}
 
 
+def weight_dtype(model: nn.Module) -> str:
+    """The dtype of the pruned linears' weights, e.g. "torch.bfloat16"."""
+    return str(next(iter(pruned_linears(model).values())).weight.dtype)
+
+
 def block_of(key: str) -> int:
     """The block index of a pruned-linear key "<block index>.<name in block>"."""
     return int(key.split(".", 1)[0])
@@ -537,9 +542,9 @@ def phase1_groups(cfg: EPTSConfig, steps: int, generator: torch.Generator, devic
 
 def group0_gain(sparsity: torch.Tensor, group: torch.Tensor, top0: float, ramp: bool, fitted: float = 1.0
                 ) -> torch.Tensor | None:
-    """Tuned recipe: the scale of B_0 A_0 in the slices of group 0 (1 in every other group):
+    """The scale of B_0 A_0 in the slices of group 0 (1 in every other group):
 
-        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's fitted gain (fit_low_gain)
+        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's gain (0/1: the check; fit_low_gain)
 
     The ramp lets the correction fade with the weights removed (s -> 0: the dense model). None: all 1 (paper)."""
     if not ramp and fitted == 1.0:
@@ -551,8 +556,9 @@ def group0_gain(sparsity: torch.Tensor, group: torch.Tensor, top0: float, ramp: 
 def tuned_slices(sl: Slices, top0: float, ramp: bool = False, gamma: float = 1.0, stop_chain_grad: bool = False,
                  group0_dense: bool = False) -> Slices:
     """The tuned recipe (not in the paper), as one step on the paper's slices; with the defaults it changes
-    nothing. ramp, gamma: B_0 A_0 scaled by group0_gain in group-0 slices. stop_chain_grad: slices of groups
-    >= 1 use sg(B_0). group0_dense: group 0's Phase-1 slice reads X_dense, the stream it serves at deploy."""
+    nothing. ramp, gamma: B_0 A_0 scaled by group0_gain in group-0 slices (gamma 0: the mask alone, also the
+    paper's switched-off adapter). stop_chain_grad: slices of groups >= 1 use sg(B_0). group0_dense: group 0's
+    Phase-1 slice reads X_dense, the stream it serves at deploy."""
     gain0 = group0_gain(sl.sparsity, sl.group, top0, ramp, gamma)
     if gain0 is not None:
         sl = replace(sl, chain=torch.cat([sl.chain[:, :1] * gain0.view(-1, 1), sl.chain[:, 1:]], dim=1))
@@ -703,10 +709,7 @@ def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.T
     rt = runtime or PlainRuntime()
     s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(device_of(block))
     group = torch.arange(len(cfg.groups), device=s.device)
-    if low_gain == 0:
-        group[0] = NO_ADAPTER
-    slices = tuned_slices(slices_of(s, group, len(cfg.groups)), cfg.groups[0][1], cfg.group0_ramp,
-                          low_gain if low_gain else 1.0)
+    slices = tuned_slices(slices_of(s, group, len(cfg.groups)), cfg.groups[0][1], cfg.group0_ramp, low_gain)
     mixed = empty_stream_like(X_mix)
     for sl in in_chunks(X_mix, rt.infer_chunk):
         outputs = rt.forward_groups(block, layers, X_mix[sl], kwargs, slices)
@@ -724,6 +727,11 @@ class BlockReport:
     low_gain: float = 1.0                                          # tuned recipe: the fitted gain on B_0 A_0
     mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
     seconds: dict[str, float] = field(default_factory=dict)        # wall time of each stage
+
+    @property
+    def group0_gain(self) -> float:
+        """B_0 A_0's scale in group 0 as deploy uses it: 0 where the check switched it off, else low_gain."""
+        return self.low_gain if self.low_group_enabled else 0.0
 
 
 @dataclass
@@ -777,7 +785,7 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
                                                                              cfg, rt)
             rt.lap(report, "low_check")
             X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
-                                                      report.low_gain * report.low_group_enabled, rt)
+                                                      report.group0_gain, rt)
         rt.lap(report, "phase2")
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
@@ -798,14 +806,14 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, base_dtype=str(next(iter(pruned_linears(model).values())).weight.dtype),
+                         base_model=base_model, base_dtype=weight_dtype(model),
                          group0_ramp=cfg.group0_ramp)
     start, state, X_dense, X_mix = rt.restore(model, windows, cfg, state, X_dense)
     for i, block in rt.blocks(model, device, start):
         adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg, i, rt)
         state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
         state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
-        state.group0_gains.append(report.low_gain * report.low_group_enabled)
+        state.group0_gains.append(report.group0_gain)
         state.reports.append(report)
         rt.block_done(state, cfg, i + 1, X_dense, X_mix, windows)
     return state
@@ -840,13 +848,11 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
         k = NO_ADAPTER if s > state.groups[-1][1] else group_of(s, state.groups)
         W = dense[key].to(device or lin.weight.device, torch.float32)
         if k is not None:
-            gain0 = state.group0_gains[i]  # 0: the low-group check switched group 0's adapter off
-            k = NO_ADAPTER if k == 0 and gain0 == 0 else k
             A, B = (t.to(W.device) for t in state.adapters[key])
             ranks = ranks_for(wanda_scores(W, state.act_norms[key].to(W.device)), per_block[i])
             s_k = torch.tensor([s], dtype=torch.float64, device=W.device)
-            one = slices_of(s_k, torch.tensor([k], device=W.device), K)
-            one = tuned_slices(one, state.groups[0][1], state.group0_ramp, gain0 or 1.0)  # the paper: unchanged
+            one = tuned_slices(slices_of(s_k, torch.tensor([k], device=W.device), K), state.groups[0][1],
+                               state.group0_ramp, state.group0_gains[i])  # gain 0: group 0's mask alone
             W = elastic_weight(W, ranks, A, B, one.sparsity, one.chain)[0]
         lin.weight.copy_(W.to(lin.weight.dtype))
     return model
@@ -920,11 +926,6 @@ def free_memory(device: torch.device) -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def weight_dtype(model: nn.Module) -> str:
-    """The dtype of the pruned linears' weights, e.g. "torch.bfloat16"."""
-    return str(next(iter(pruned_linears(model).values())).weight.dtype)
 
 
 def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
@@ -1031,13 +1032,12 @@ class Runtime(PlainRuntime):
         self.clock = Stopwatch(device)
 
     def restore(self, model, windows, cfg, state, X_dense):
-        state.fingerprint, device = fingerprint(model), X_dense.device
+        state.fingerprint, device, start = fingerprint(model), X_dense.device, 0
+        X_mix = None  # block 0: both streams are the embeddings' output
+        if self.resume and self.checkpoint and os.path.isfile(self.checkpoint):
+            state, start, X_dense, X_mix = load_checkpoint(self.checkpoint, model, cfg, windows, self.base_model)
         X_dense = self.stream(X_dense, device)
-        X_mix = self.stream(X_dense.clone(), device)
-        if not (self.resume and self.checkpoint and os.path.isfile(self.checkpoint)):
-            return 0, state, X_dense, X_mix
-        state, start, X_dense, X_mix = load_checkpoint(self.checkpoint, model, cfg, windows, self.base_model)
-        return start, state, self.stream(X_dense, device), self.stream(X_mix, device)
+        return start, state, X_dense, self.stream(X_dense.clone() if X_mix is None else X_mix, device)
 
     def blocks(self, model, device, start):
         n = len(decoder_blocks(model))
@@ -1748,7 +1748,7 @@ def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
                          base_model=header["base_model"], fingerprint=header["fingerprint"],
                          base_dtype=header.get("base_dtype", ""), group0_ramp=header.get("group0_ramp", False),
                          reports=[BlockReport(**r) for r in header["reports"]])
-    state.group0_gains = header.get("group0_gains", [r.low_gain * r.low_group_enabled for r in state.reports])
+    state.group0_gains = header.get("group0_gains", [r.group0_gain for r in state.reports])
     for name in tensors:
         if name.endswith(".act_norm"):
             key = name[: -len(".act_norm")]
