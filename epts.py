@@ -587,6 +587,7 @@ class PlainRuntime:
     checks, progress, timing and checkpoints; the method never names them. None of this is a hyper-parameter."""
 
     infer_chunk = 8  # samples per no-grad block call (targets, check, Phase 2)
+    dense_targets = staticmethod(dense_targets_and_norms)
     weight_fn = staticmethod(elastic_weight)
     forward_groups = staticmethod(forward_groups)
 
@@ -767,7 +768,7 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
     report, dev = BlockReport(), device_of(block)
     # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
-    Y, norms = dense_targets_and_norms(block, names, X_dense, kwargs, rt.infer_chunk)
+    Y, norms = rt.dense_targets(block, names, X_dense, kwargs, rt.infer_chunk)
     rt.lap(report, "targets")
     trainable = {p: p.requires_grad for p in block.parameters()}
     block.requires_grad_(False)  # only the adapters learn; norms, biases and base weights stay frozen
@@ -1195,8 +1196,22 @@ class DistributedRuntime(Runtime):
     """Runtime under torchrun: rank r runs the slices r, r+W, r+2W, ... of every block call, with the same math.
     Phase 1: rank 0 broadcasts sg(O_0), each rank backprops its slices' losses of Eq. 3, and one all-reduce sums
     the adapters' gradients (one process's gradient, summed in another order) and the losses. The no-grad passes
-    all-gather the outputs: every rank ends each block with the same streams. The dense targets run on every rank.
-    Eager steps: no CUDA graph (collectives inside one are untested here)."""
+    all-gather the outputs: every rank ends each block with the same streams. The dense targets are split by
+    samples. Eager steps: no CUDA graph (collectives inside one are untested here)."""
+
+    def dense_targets(self, block, names, X, kwargs, chunk):
+        """Rank r: the samples [r n, (r+1) n), n = ceil(N/W); Y all-gathered, the sums of squares all-reduced
+        before the root: Wanda's norms of all samples, summed in another order. Streams in host memory
+        (low_memory, no NCCL there) or too few samples to give every rank some: every rank computes them all."""
+        W, n = world_size(), -(-len(X) // world_size())
+        if X.device != device_of(block) or (W - 1) * n >= len(X):  # the last rank would get no sample
+            return super().dense_targets(block, names, X, kwargs, chunk)
+        part, sq = block_outputs_and_stats(block, names, X[process_rank() * n:][:n], kwargs, chunk)
+        Y = torch.empty(W * n, *X.shape[1:], dtype=X.dtype, device=X.device)
+        torch.distributed.all_gather(list(Y.split(n)), torch.cat([part, part.new_zeros(n - len(part), *X.shape[1:])]))
+        for v in sq.values():
+            torch.distributed.all_reduce(v)
+        return Y[:len(X)], {k: v.sqrt() for k, v in sq.items()}
 
     def owned(self, slices: Slices) -> Slices:
         """This rank's slices r, r+W, ... (views)."""
