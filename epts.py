@@ -1387,20 +1387,25 @@ def seconds_per_call(fn: Callable, label: tuple, device: torch.device, calls: in
     return sorted(runs)[1]
 
 
-def cslt_configs(layer: Sparse24Linear, x2d: torch.Tensor) -> list[dict]:
-    """cuSPARSELt's default config and, where this torch can search, the one it finds fastest for this call."""
+def cslt_config(layer: Sparse24Linear, x2d: torch.Tensor) -> dict:
+    """The config cuSPARSELt's own search (GPU-timed) finds fastest for the call sparse_mm makes, where this torch
+    can search and the call takes it; else its default ({}). Timed from the host, cuSPARSELt's per-call planning
+    hides the differences between configs."""
     search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
-    try:  # (alg_id, split_k, split_k_mode, max alg_id), for the call sparse_mm makes
+    try:  # (alg_id, split_k, split_k_mode, max alg_id)
         alg, split_k, mode, _ = search(layer.packed, x2d.t(), layer.bias, None, None, True)
-    except (RuntimeError, TypeError, ValueError):  # no search in this torch, or none for this call
-        return [{}]
-    return [{}, dict(alg_id=int(alg), split_k=int(split_k), split_k_mode=int(mode))]
+        layer.config = dict(alg_id=int(alg), split_k=int(split_k), split_k_mode=int(mode))
+        layer.sparse_mm(x2d)
+        return layer.config
+    except (RuntimeError, TypeError, ValueError):  # no search in this torch, none for this call, or not taken
+        return {}
 
 
 @torch.no_grad()
-def probe24(lin: nn.Linear, tokens: int, timer: Callable, margin: float) -> dict:
-    """Time one linear's dense matmul against its 2:4 matmul (the faster config) on `tokens` random rows, then on
-    half as many while 2:4 stays faster. Returns {speedup, min_tokens, config}, or {refused: why}."""
+def probe24(lin: nn.Linear, tokens: int, timer: Callable) -> dict:
+    """One linear alone on `tokens` random rows: its 2:4 matmul (cslt_config) checked against dense, the time of
+    the dense matmul, and the break-even: rows halved while 2:4 alone stays faster. -> {dense_seconds, min_tokens,
+    config}, or {refused: why}."""
     out, inp = lin.weight.shape
     gen = torch.Generator(lin.weight.device).manual_seed(0)  # a generator of its own: the caller's RNG is untouched
     x = torch.randn(tokens, inp, generator=gen, device=lin.weight.device, dtype=lin.weight.dtype)
@@ -1408,25 +1413,13 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable, margin: float) -> dict
         return timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))
     try:
         layer, ref = Sparse24Linear(lin, tokens), nn.functional.linear(x, lin.weight, lin.bias)
+        layer.config = cslt_config(layer, x)
         err = float((layer.sparse_mm(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        if not err <= SPARSE24_TOL:
-            return dict(refused=f"wrong results from cuSPARSELt (rel. error {err:.1e})")
-        timed = []
-        for config in cslt_configs(layer, x):
-            layer.config = config
-            try:
-                layer.sparse_mm(x)
-            except (RuntimeError, TypeError):  # a searched config this call (or this torch) does not take
-                continue
-            timed.append((timer(lambda: layer.sparse_mm(x), ("2:4", out, inp, tokens)), len(timed), config))
     except RuntimeError as e:
         return dict(refused=f"cuSPARSELt refused {out}x{inp}: {str(e).strip().splitlines()[0][:80]}")
-    if not timed:
-        return dict(refused=f"cuSPARSELt refused every config for {out}x{inp}")
-    t24, _, layer.config = min(timed)
-    speedup, smallest, n = dense(tokens) / t24, tokens, tokens // 2
-    if speedup < margin:
-        return dict(refused=f"not {margin:.2f}x faster at {tokens} tokens ({out}x{inp}: {speedup:.2f}x)")
+    if not err <= SPARSE24_TOL:
+        return dict(refused=f"wrong results from cuSPARSELt (rel. error {err:.1e})")
+    smallest, n = tokens, tokens // 2
     while n >= 16:
         try:
             if timer(lambda: layer.sparse_mm(x[:n]), ("2:4", out, inp, n)) >= dense(n):
@@ -1434,17 +1427,40 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable, margin: float) -> dict
         except RuntimeError:  # refused at this size: the break-even lies above
             break
         smallest, n = n, n // 2
-    return dict(speedup=speedup, min_tokens=smallest, config=layer.config)
+    return dict(dense_seconds=dense(tokens), min_tokens=smallest, config=layer.config)
+
+
+@torch.no_grad()
+def speedup_in_block(block: nn.Module, layers: Sequence[Sparse24Linear], x: torch.Tensor, kwargs: dict,
+                     dense_seconds: float, timer: Callable) -> float:
+    """The speed-up of m swapped linears as a forward sees it: the block timed with them on 2:4 (T_24) and on their
+    dense weights (T), interleaved, the faster of 2 rounds each, the saving spread over them:
+
+        speed-up = t / (t - (T - T_24) / m),    t = dense_seconds, one linear's dense matmul alone
+
+    cuSPARSELt plans every call on the host: alone that time shows, inside a forward it overlaps the GPU's work."""
+    limits, times = [layer.min_tokens for layer in layers], {}
+    out, inp = layers[0].weight.shape
+    for kind in ("block dense", "block 2:4") * 2:
+        for layer, limit in zip(layers, limits):
+            layer.min_tokens = limit if kind == "block 2:4" else math.inf
+        label = (kind, out, inp, x.shape[0] * x.shape[1], len(layers))
+        times[kind] = min(times.get(kind, math.inf), timer(lambda: call_block(block, x, kwargs), label))
+    for layer, limit in zip(layers, limits):
+        layer.min_tokens = limit
+    saved = (times["block dense"] - times["block 2:4"]) / len(layers)
+    return dense_seconds / max(dense_seconds - saved, 1e-3 * dense_seconds)
 
 
 def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margin: float = 1.05) -> Sparse24Report:
     """Swap, in place, every pruned linear of a 2:4 model that cuSPARSELt runs faster for a Sparse24Linear.
 
     `tokens`: the tokens per forward you will run (e.g. prefill 8 x 2048 = 16384). A linear is swapped when
-    cuSPARSELt can hold it (`sparse24_refusal`) and a probe at `tokens` rows finds its 2:4 matmul `margin` times
-    as fast as dense; below the probe's break-even (decode steps) it runs dense. One probe per weight shape.
-    `timer(fn, label)` -> seconds per call (default `seconds_per_call`). On the CPU or without cuSPARSELt: no
-    change, one warning. Run under torch.no_grad() (with autograd every call runs dense); `unsparse24` undoes it.
+    cuSPARSELt can hold it (`sparse24_refusal`, `probe24`) and its 2:4 matmul is `margin` times as fast as dense
+    inside a block forward on `tokens` tokens (`speedup_in_block`); below the break-even of `probe24` (decode
+    steps) it runs dense. One probe per weight shape, in the first block that has it. `timer(fn, label)` ->
+    seconds per call (default `seconds_per_call`). On the CPU or without cuSPARSELt: no change, one warning. Run
+    under torch.no_grad() (with autograd every call runs dense); `unsparse24` undoes it.
     """
     if tokens < 16:
         raise EPTSError(f"sparse24: tokens is the token count of a prefill forward (at least 16), got {tokens}")
@@ -1455,19 +1471,37 @@ def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margi
         warnings.warn(f"sparse24: {missing}; the model is unchanged", stacklevel=2)
         report.kept = dict.fromkeys(linears, missing)
         return report
-    timer, probes = timer or functools.partial(seconds_per_call, device=device), {}
+    timer, probes, prefix = timer or functools.partial(seconds_per_call, device=device), {}, arch_of(model)[0]
+    seqlen = min(tokens, 2048, getattr(model.config, "max_position_embeddings", 2048))
+    ids = torch.randint(model.config.vocab_size, (max(1, tokens // seqlen), seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    x, kwargs = capture_block_inputs(model, ids, device, next(iter(linears.values())).weight.dtype)
+    shape_of = lambda lin: (*lin.weight.shape, lin.weight.dtype, lin.bias is not None)  # noqa: E731
+    why = {key: sparse24_refusal(lin, device) for key, lin in linears.items()}
+    for key, lin in linears.items():  # one probe per shape, before anything is swapped
+        if why[key] is None and shape_of(lin) not in probes:
+            probe = probes[shape_of(lin)] = probe24(lin, tokens, timer)
+            if "refused" not in probe:  # the linears of this shape in this block, swapped while their block is timed
+                same = [k for k, l in linears.items() if block_of(k) == block_of(key) and why[k] is None
+                        and shape_of(l) == shape_of(lin)]
+                layers = [Sparse24Linear(linears[k], probe["min_tokens"], probe["config"]) for k in same]
+                for k, layer in zip(same, layers):
+                    swap_module(model, f"{prefix}.{k}", layer)
+                probe["speedup"] = speedup_in_block(decoder_blocks(model)[block_of(key)], layers, x, kwargs,
+                                                    probe["dense_seconds"], timer)
+                for k in same:
+                    swap_module(model, f"{prefix}.{k}", linears[k])
+                if probe["speedup"] < margin:
+                    probe["refused"] = (f"not {margin:.2f}x faster in a forward at {tokens} tokens "
+                                        f"({lin.weight.shape[0]}x{lin.weight.shape[1]}: {probe['speedup']:.2f}x)")
     for key, lin in linears.items():
-        why, shape = sparse24_refusal(lin, device), (*lin.weight.shape, lin.weight.dtype, lin.bias is not None)
-        if why is None:
-            if shape not in probes:
-                probes[shape] = probe24(lin, tokens, timer, margin)
-            why = probes[shape].get("refused")
-        if why:
-            report.kept[key] = why
+        probe = probes.get(shape_of(lin), {})
+        if why[key] or "refused" in probe:
+            report.kept[key] = why[key] or probe["refused"]
             continue
-        layer = Sparse24Linear(lin, probes[shape]["min_tokens"], probes[shape]["config"])
-        swap_module(model, f"{arch_of(model)[0]}.{key}", layer)
-        report.swapped[key], report.min_tokens[key] = probes[shape]["speedup"], layer.min_tokens
+        layer = Sparse24Linear(lin, probe["min_tokens"], probe["config"])
+        swap_module(model, f"{prefix}.{key}", layer)
+        report.swapped[key], report.min_tokens[key] = probe["speedup"], layer.min_tokens
         report.fallback_bytes += lin.weight.numel() * lin.weight.element_size()
         report.packed_bytes += layer.packed.numel() * layer.packed.element_size()
     return report
@@ -2512,7 +2546,7 @@ def check_inputs(args: argparse.Namespace, device: torch.device) -> dict:
     """Before the model loads: --save where nothing is optimized, a --model path or --eval file that does not
     exist, a --load that is no elastic state; a warning for fp16 on the CPU. Returns --load's header ({})."""
     if args.save and (args.method != "epts" or args.load):
-        raise EPTSError(f"--save writes the elastic state that --method epts optimizes; "
+        raise EPTSError("--save writes the elastic state that --method epts optimizes; "
                         + ("with --load nothing is optimized" if args.load else f"--method {args.method} has none"))
     name = args.model
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (

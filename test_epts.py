@@ -1803,13 +1803,15 @@ def fake_cusparselt(monkeypatch):
 
 
 def made_up_timer(rules: dict, seen: list | None = None):
-    """A timer that runs fn once and returns made-up seconds: dense 1.0, 2:4 rules[(out, in)](tokens)."""
+    """A timer that runs fn once and returns made-up seconds. A linear alone: dense 1.0, 2:4 rules[(out, in)](tokens).
+    A block with m such linears: 100 on their dense weights, on 2:4 less m times their saving (the same speed-up)."""
     def timer(fn, label, device=None):
         fn()
         if seen is not None:
             seen.append(label)
-        kind, out, inp, n = label
-        return 1.0 if kind == "dense" else rules[(out, inp)](n)
+        kind, out, inp, n, *m = label
+        t = 1.0 if kind.endswith("dense") else rules[(out, inp)](n)
+        return 100 - m[0] * (1 - t) if kind.startswith("block") else t
     return timer
 
 
@@ -1826,11 +1828,14 @@ def test_sparse24_swaps_only_what_its_probe_finds_faster_and_runs_dense_below_th
     swapped = {f"{i}.{n}" for i in (0, 1) for n in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
                                                      "self_attn.v_proj")} - {"1.mlp.up_proj"}
     assert set(report.swapped) == swapped
-    assert {k: (report.swapped[k], report.min_tokens[k]) for k in swapped} == {
+    assert {k: (round(report.swapped[k], 9), report.min_tokens[k]) for k in swapped} == {
         k: (2.0, 64) if "mlp" in k else (1.25, 16) for k in swapped}
-    assert "not 2:4" in report.kept["1.mlp.up_proj"] and "0.67x" in report.kept["0.self_attn.q_proj"]
+    assert "not 2:4" in report.kept["1.mlp.up_proj"] and "forward at 256 tokens (32x32: 0.67x)" in report.kept[
+        "0.self_attn.q_proj"]
     assert "1.03x" in report.kept["1.mlp.down_proj"] and len(report.kept) == 14 - len(swapped)
-    assert sum(label[0] == "dense" and label[3] == 256 for label in seen) == 4       # one probe per shape
+    assert sum(label[0] == "dense" and label[3] == 256 for label in seen) == 4       # one probe per shape,
+    assert sorted(label[1:] for label in seen if label[0] == "block 2:4") == sorted(  # timed in block 0 (2 rounds)
+        [(64, 32, 256, 2), (16, 32, 256, 2), (32, 32, 256, 2), (32, 64, 256, 1)] * 2)
     lins = epts.pruned_linears(model)
     assert report.fallback_bytes == sum(lins[k].weight.numel() * 2 for k in swapped)
     assert all(isinstance(lins[k], epts.Sparse24Linear) == (k in swapped) for k in lins)
@@ -1847,6 +1852,24 @@ def test_sparse24_swaps_only_what_its_probe_finds_faster_and_runs_dense_below_th
         assert torch.equal(tokens, ref.generate(prompts, max_new_tokens=6, do_sample=False, pad_token_id=0))
     assert fake_cusparselt == [128] * 7                                     # the prefill; every decode step dense
     assert lins["0.self_attn.k_proj"].calls == {"2:4": 3, "dense": 1 + 5}   # 48, 128 and the prefill; 8 and 5 steps
+
+
+def test_sparse24_decides_by_the_block_forward_not_by_the_linear_alone(fake_cusparselt):
+    """cuSPARSELt plans every call on the host: alone a 2:4 call can look slow while a forward hides that time, and
+    the reverse. The block's time decides; the linear alone gives only the break-even."""
+    def timer(block_24, alone_24):
+        def time(fn, label):
+            fn()
+            kind, *_, m = label if label[0].startswith("block") else (*label, 0)
+            return {"dense": 1.0, "2:4": alone_24, "block dense": 100.0, "block 2:4": 100 + m * block_24}[kind]
+        return time
+    model = tiny_24()
+    report = epts.sparse24(model, 256, timer=timer(block_24=-0.5, alone_24=2.0))  # slow alone, 2x in the block
+    assert len(report.swapped) == 14 and {round(s, 9) for s in report.swapped.values()} == {2.0}
+    assert set(report.min_tokens.values()) == {256}                              # alone it never breaks even
+    epts.unsparse24(model)
+    report = epts.sparse24(model, 256, timer=timer(block_24=0.1, alone_24=0.5))   # fast alone, slower in the block
+    assert not report.swapped and all("(32x32: 0.91x)" in report.kept[f"{i}.self_attn.q_proj"] for i in (0, 1))
 
 
 def test_sparse24_layer_falls_back_to_the_dense_weight_never_to_an_exception(fake_cusparselt, monkeypatch):

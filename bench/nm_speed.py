@@ -108,7 +108,7 @@ def bench_kernels(a: argparse.Namespace, res: dict) -> None:
     for name, (out, inp) in SHAPES.items():
         lin = nn.Linear(inp, out, bias=False, device=CUDA, dtype=torch.bfloat16)
         lin.weight.mul_(epts.mask_from_ranks(epts.nm_ranks(lin.weight.abs().float(), 4), 0.5))
-        probe = epts.probe24(lin, max(a.tokens), timer, 1.05)   # what sparse24 would decide for this shape
+        probe = epts.probe24(lin, max(a.tokens), timer)   # sparse24's config and break-even for this shape, alone
         layer = epts.Sparse24Linear(lin, 0, probe.get("config"))
         x = torch.randn(max(a.tokens), inp, generator=gen, device=CUDA, dtype=torch.bfloat16)
         rows = []
