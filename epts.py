@@ -1200,18 +1200,28 @@ class DistributedRuntime(Runtime):
     samples. Eager steps: no CUDA graph (collectives inside one are untested here)."""
 
     def dense_targets(self, block, names, X, kwargs, chunk):
-        """Rank r: the samples [r n, (r+1) n), n = ceil(N/W); Y all-gathered, the sums of squares all-reduced
-        before the root: Wanda's norms of all samples, summed in another order. Streams in host memory
-        (low_memory, no NCCL there) or too few samples to give every rank some: every rank computes them all."""
-        W, n = world_size(), -(-len(X) // world_size())
+        """Rank r: the samples [r n, (r+1) n), n = ceil(N/W) rounded up to whole chunks. Y is all-gathered; so are
+        the sums of squares of every chunk, then added in the order one process adds them: the same Y and
+        Wanda norms, bit for bit. Streams in host memory (low_memory on CUDA: no NCCL there) or too few samples
+        to give every rank some: every rank computes them all."""
+        W, n = world_size(), -(-len(X) // (world_size() * chunk)) * chunk
         if X.device != device_of(block) or (W - 1) * n >= len(X):  # the last rank would get no sample
             return super().dense_targets(block, names, X, kwargs, chunk)
-        part, sq = block_outputs_and_stats(block, names, X[process_rank() * n:][:n], kwargs, chunk)
+        mine = X[process_rank() * n:][:n]
+        parts = [block_outputs_and_stats(block, names, mine[sl], kwargs, chunk) for sl in in_chunks(mine, chunk)]
+        pad = lambda t, rows: torch.cat([t, t.new_zeros(rows - len(t), *t.shape[1:])])  # noqa: E731 - equal parts
         Y = torch.empty(W * n, *X.shape[1:], dtype=X.dtype, device=X.device)
-        torch.distributed.all_gather(list(Y.split(n)), torch.cat([part, part.new_zeros(n - len(part), *X.shape[1:])]))
-        for v in sq.values():
-            torch.distributed.all_reduce(v)
-        return Y[:len(X)], {k: v.sqrt() for k, v in sq.items()}
+        torch.distributed.all_gather(list(Y.split(n)), pad(torch.cat([y for y, _ in parts]), n))
+        norms = {}
+        for name in names:
+            sums = torch.empty(W * n // chunk, len(parts[0][1][name]), device=X.device)
+            torch.distributed.all_gather(list(sums.split(n // chunk)),
+                                         pad(torch.stack([sq[name] for _, sq in parts]), n // chunk))
+            total = 0.0
+            for s in sums[:-(-len(X) // chunk)]:  # the chunks of all samples, in order
+                total = total + s
+            norms[name] = total.sqrt()
+        return Y[:len(X)], norms
 
     def owned(self, slices: Slices) -> Slices:
         """This rank's slices r, r+W, ... (views)."""

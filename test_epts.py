@@ -792,14 +792,17 @@ def max_state_difference(a: epts.ElasticState, b: epts.ElasticState) -> float:
 
 @pytest.mark.parametrize("arch,recipe", [("opt", "paper"), ("llama", "tuned")])
 def test_two_ranks_write_the_artifact_of_one_process(arch, recipe, tiny_dir, tmp_path):
-    """torchrun with 2 ranks (gloo): rank r runs the group slices r, r+2, ..; the adapters, norms, flags and gains
-    are one process's up to float reassociation (the --low-memory test's bound); only rank 0 writes."""
-    run = cli(tiny_dir, arch, "--epochs", "2", "--recipe", recipe, "--eval", "none", "--save-dtype", "float32")
+    """torchrun with 2 ranks (gloo): rank r runs the group slices r, r+2, .. and the dense targets of its samples;
+    the adapters, flags and gains are one process's up to float reassociation (the --low-memory test's bound), the
+    activation norms exactly; only rank 0 writes."""
+    run = cli(tiny_dir, arch, "--epochs", "2", "--recipe", recipe, "--eval", "none", "--save-dtype", "float32",
+              "--nsamples", "12")  # the dense targets split by samples: chunks of 8, rank 0 gets 8, rank 1 gets 4
     assert one_thread_cli(*run, "--save", tmp_path / "one.safetensors")[0] == 0
     two = tmp_path / "two"
     assert run_ranks(2, [*run, "--save", two / "s.safetensors", "--json-out", two / "r.json"]) == [0, 0]
     one, both = epts.load_elastic(str(tmp_path / "one.safetensors")), epts.load_elastic(str(two / "s.safetensors"))
     assert max_state_difference(one, both) <= 1e-4
+    assert all(torch.equal(one.act_norms[k], both.act_norms[k]) for k in one.act_norms)  # Wanda's, bit for bit
     assert any(B.abs().max() > 0 for _, B in both.adapters.values())
     res = json.loads((two / "r.json").read_text())
     assert res["world_size"] == 2 and res["groups_by_rank"] == [[0, 2, 4, 6], [1, 3, 5]]
@@ -809,15 +812,17 @@ def test_two_ranks_write_the_artifact_of_one_process(arch, recipe, tiny_dir, tmp
 def test_a_resumed_two_rank_run_equals_a_straight_one(tiny_dir, tmp_path):
     """Ctrl-C in block 1 of a 2-rank run leaves rank 0's checkpoint of block 0; --resume under 2 ranks (one slice
     at a time: --low-memory) finishes it with the straight run's result."""
-    run = cli(tiny_dir, "llama", "--epochs", "2", "--eval", "none", "--save-dtype", "float32", "--low-memory")
+    run = cli(tiny_dir, "llama", "--epochs", "2", "--eval", "none", "--save-dtype", "float32", "--low-memory",
+              "--nsamples", "8")  # targets in chunks of 2: 2 per rank, added in one process's order
     assert one_thread_cli(*run, "--save", tmp_path / "straight.safetensors")[0] == 0
     cut = [*run, "--save", tmp_path / "cut.safetensors"]
     assert run_ranks(2, cut, interrupt_at=1) == [130, 130]
     assert epts._read(str(tmp_path / "cut.safetensors.checkpoint"))[1]["next_block"] == 1
     assert run_ranks(2, [*cut, "--resume"]) == [0, 0]
     assert not (tmp_path / "cut.safetensors.checkpoint").exists()
-    assert max_state_difference(epts.load_elastic(str(tmp_path / "straight.safetensors")),
-                                epts.load_elastic(str(tmp_path / "cut.safetensors"))) <= 1e-4
+    straight, resumed = (epts.load_elastic(str(tmp_path / f"{n}.safetensors")) for n in ("straight", "cut"))
+    assert max_state_difference(straight, resumed) <= 1e-4
+    assert all(torch.equal(straight.act_norms[k], resumed.act_norms[k]) for k in straight.act_norms)
 
 
 def test_ranks_give_each_block_back_the_tensors_it_was_loaded_as(tiny_dir):
