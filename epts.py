@@ -25,19 +25,8 @@ Test:  python -m pytest -q test_epts.py
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
-import hashlib
-import json
 import math
-import os
-import random
-import sys
-import tempfile
-import time
-import traceback
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -150,10 +139,8 @@ def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
 
 
 def row_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every weight inside its output row: 0 = lowest score. Ties are broken by column (stable sort).
-
-    A single ranking per layer yields the mask at any sparsity, and makes masks nested by construction.
-    """
+    """Rank of every weight inside its output row: 0 = lowest score, ties broken by column (stable sort). One
+    ranking per layer yields the mask at any sparsity, and makes the masks nested by construction."""
     order = torch.argsort(scores, dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
@@ -181,9 +168,7 @@ def nm_ranks(scores: torch.Tensor, m: int) -> torch.Tensor:
 
 def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
     """M(s): keep the weights whose row rank is >= floor(s * in), i.e. drop each row's lowest-scoring ones.
-
-    ranks [out, in]; one sparsity -> [out, in]; a tensor of G sparsities -> G masks [G, out, in].
-    """
+    ranks [out, in]; one sparsity -> [out, in]; a tensor of G sparsities -> G masks [G, out, in]."""
     n = prune_count(sparsity, ranks.shape[-1])
     return ranks >= (n.view(-1, 1, 1) if isinstance(n, torch.Tensor) else n)
 
@@ -272,10 +257,8 @@ class Slices:
     def __len__(self) -> int:
         return len(self.sparsity)
 
-    def __getitem__(self, g: int) -> Slices:
-        """Slice g alone."""
-        return Slices(*(None if v is None else v[g:g + 1] for v in (self.sparsity, self.group, self.chain,
-                                                                    self.nm, self.frozen, self.dense_input)))
+    def __getitem__(self, g: int) -> Slices:  # slice g alone
+        return Slices(**{k: None if v is None else v[g:g + 1] for k, v in vars(self).items()})
 
 
 def slices_of(sparsity: torch.Tensor, group: torch.Tensor, n_groups: int, nm: torch.Tensor | None = None) -> Slices:
@@ -284,12 +267,9 @@ def slices_of(sparsity: torch.Tensor, group: torch.Tensor, n_groups: int, nm: to
 
 
 class HiLoRALinear(nn.Module):
-    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA).
-
-    `route(slices)` selects G slices; the input's leading batch dimension is split into G equal parts and part
-    g is multiplied by W_g (Eq. 2). G = 1 is the ordinary layer. `weight_fn` computes W_g: elastic_weight, or a
-    runtime's tested-equal faster version of it.
-    """
+    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA). `route(slices)`
+    selects G slices; the input's leading batch dimension is split into G equal parts and part g is multiplied
+    by W_g (Eq. 2). `weight_fn` computes W_g: elastic_weight, or a runtime's tested-equal faster version of it."""
 
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, n_groups: int, rank: int,
                  generator: torch.Generator | None = None, nm_ranks: torch.Tensor | None = None,
@@ -385,9 +365,7 @@ def empty_stream_like(X: torch.Tensor) -> torch.Tensor:
 def blocks_on(model: nn.Module, device: torch.device, start: int = 0):
     """Yield (index, block) for blocks >= start, each moved to `device` in fp32 while it is worked on and moved
     back to where (and in the dtype) it was loaded afterwards: only one block is on the accelerator at a time."""
-    for i, block in enumerate(decoder_blocks(model)):
-        if i < start:
-            continue
+    for i, block in enumerate(decoder_blocks(model)[start:], start):
         p = next(block.parameters())
         home, home_dtype = p.device, p.dtype
         block.to(device, torch.float32)
@@ -407,7 +385,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     """Run the model (where it is) up to block 0 for every window -> (hidden states [N, seqlen, hidden], block 0's
     keyword arguments: attention mask, `position_embeddings`, ... whatever the installed transformers passes),
     both on `device` in `dtype`. Captured with batch 1, the kwargs broadcast over any batch."""
-    blocks, kwargs, hidden = decoder_blocks(model), {}, []
+    kwargs, hidden = {}, []
 
     def hook(module, args, kw):
         x = args[0] if args else kw["hidden_states"]
@@ -415,13 +393,11 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for w in windows:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(w.view(1, -1).to(model.device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     cast = lambda t: t.to(device, dtype if t.is_floating_point() else None) if torch.is_tensor(t) else t  # noqa: E731
@@ -471,14 +447,13 @@ def block_outputs_and_stats(block: nn.Module, names: Sequence[str], X: torch.Ten
                             stat=sum_of_squares) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """f(X) for every sample, and stat(inputs) of every pruned linear, summed over all calibration tokens."""
     acc: dict[str, Any] = {n: 0.0 for n in names}
+    name_of = {block.get_submodule(n): n for n in names}
 
-    def make_hook(n):
-        def hook(module, args):
-            x = args[0].detach().float()
-            acc[n] = acc[n] + stat(x.reshape(-1, x.shape[-1]))
-        return hook
+    def hook(module, args):
+        x, n = args[0].detach().float(), name_of[module]
+        acc[n] = acc[n] + stat(x.reshape(-1, x.shape[-1]))
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    handles = [module.register_forward_pre_hook(hook) for module in name_of]
     try:
         Y = block_forward(block, X, kwargs, chunk)
     finally:
@@ -497,11 +472,8 @@ def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Ten
 # 7. The two-phase block loop: Phase 1 (adapters), low-group check, Phase 2 (mixed features), block by block ---
 
 def stratified_draws(groups: Sequence[tuple[float, float]], steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Sparsities for every Phase-1 step and group -> float64 [steps, K].
-
-    Group k = (lo, hi] is split into `steps` equal sub-intervals, they are shuffled, and step t draws uniformly
-    inside its sub-interval: every part of the group is visited once, in random order.
-    """
+    """Sparsities for every Phase-1 step and group -> float64 [steps, K]. Group k = (lo, hi] is split into `steps`
+    equal sub-intervals, shuffled; step t draws uniformly inside its own: each is visited once, in random order."""
     cols = []
     for lo, hi in groups:
         slot = torch.randperm(steps, generator=generator).double()
@@ -625,10 +597,9 @@ class PlainRuntime:
 def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
                  kwargs: dict, cfg: EPTSConfig, generator: torch.Generator, runtime: PlainRuntime | None = None,
                  block_index: int = 0, X_dense: torch.Tensor | None = None) -> list[list[float]]:
-    """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y.
-    Every step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses
-    and takes one Adam step at the cosine-annealed rate. Returns the mean loss per group of every epoch.
-    X_dense: only where a slice reads it (the tuned recipe's group 0)."""
+    """Phase 1: learn all adapters of one block with Eq. 3 on the mixed stream X_mix against dense targets Y. Every
+    step draws s_k in each group k, runs O_k = f(X_mix; W_{s_k}) for all groups, sums the guided losses and takes
+    one Adam step at the cosine-annealed rate -> mean loss per group, per epoch. X_dense: the tuned group 0's input."""
     rt, device = runtime or PlainRuntime(), device_of(block)
     streams = [S for S in (X_mix, Y, X_dense) if S is not None]
     batches = in_chunks(X_mix, cfg.batch_size)
@@ -657,8 +628,7 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
 def stream_loss(block: nn.Module, layers: dict[str, HiLoRALinear], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
                 slices: Slices, runtime: PlainRuntime | None = None) -> torch.Tensor:
     """l(f(X; W_g), Y) over a whole stream for the G slices, a chunk of samples at a time -> float64 [G]."""
-    rt = runtime or PlainRuntime()
-    loss = torch.zeros(len(slices), dtype=torch.float64, device=slices.sparsity.device)
+    rt, loss = runtime or PlainRuntime(), torch.zeros(len(slices), dtype=torch.float64, device=slices.sparsity.device)
     for sl in in_chunks(X, rt.infer_chunk):
         out = rt.forward_groups(block, layers, X[sl], kwargs, slices)
         loss += recon_loss(out, Y[sl].to(out.device).unsqueeze(0)).double() * len(out[0])  # a mean over samples
@@ -673,8 +643,7 @@ def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: 
     if cfg.low_check_sparsity is None:
         return True, {}
     s = torch.full((2,), cfg.low_check_sparsity, dtype=torch.float64, device=device_of(block))
-    group = torch.tensor([0, NO_ADAPTER], device=s.device)  # with the group-0 adapter / mask only
-    slices = slices_of(s, group, len(cfg.groups))
+    slices = slices_of(s, torch.tensor([0, NO_ADAPTER], device=s.device), len(cfg.groups))  # adapter 0 / mask only
     with_adapter, mask_only = stream_loss(block, layers, X_dense, Y, kwargs, slices, runtime).tolist()
     return with_adapter < mask_only, {"with_adapter": with_adapter, "mask_only": mask_only}
 
@@ -704,7 +673,6 @@ def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.T
                cfg: EPTSConfig, generator: torch.Generator, low_gain: float = 1.0,
                runtime: PlainRuntime | None = None) -> tuple[torch.Tensor, list[float]]:
     """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4).
-
     low_gain: group 0's adapter as deploy will use it: 1 kept, 0 switched off by the check (the mask alone),
     the fitted gain in the tuned recipe."""
     rt = runtime or PlainRuntime()
@@ -764,8 +732,7 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
                    ) -> tuple[dict, dict, BlockReport, torch.Tensor, torch.Tensor]:
     """Both phases for one block (on the compute device, in fp32) -> (adapters, act_norms, report,
     next X_dense = f(X_dense; W), next X_mix = sum_k w_k f(X_mix; W_{s_k}))."""
-    rt = runtime or PlainRuntime()
-    report, dev = BlockReport(), device_of(block)
+    rt, report = runtime or PlainRuntime(), BlockReport()
     # A generator per block: the result of block i does not depend on how blocks < i were run (resume).
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block_index)
     Y, norms = rt.dense_targets(block, names, X_dense, kwargs, rt.infer_chunk)
@@ -777,13 +744,12 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
         report.loss_history = phase1_train(block, layers, X_mix, Y, kwargs, cfg, generator, rt, block_index,
                                            X_dense if cfg.group0_input == "dense" else None)
         rt.lap(report, "phase1")
-        with rt.autocast(dev):  # the elastic no-grad passes in Phase 1's precision
+        with rt.autocast(device_of(block)):  # the elastic no-grad passes in Phase 1's precision
             if cfg.low_gain == "fit":  # the tuned recipe: a fitted gain instead of the on/off check
                 report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt)
                 report.low_group_enabled = report.low_gain > 0
             else:
-                report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs,
-                                                                             cfg, rt)
+                report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg, rt)
             rt.lap(report, "low_check")
             X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
                                                       report.group0_gain, rt)
@@ -807,8 +773,7 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, base_dtype=weight_dtype(model),
-                         group0_ramp=cfg.group0_ramp)
+                         base_model=base_model, base_dtype=weight_dtype(model), group0_ramp=cfg.group0_ramp)
     start, state, X_dense, X_mix = rt.restore(model, windows, cfg, state, X_dense)
     for i, block in rt.blocks(model, device, start):
         adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg, i, rt)
@@ -836,12 +801,10 @@ def per_block_sparsities(sparsity: float | str | Sequence[float], n_blocks: int)
 def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[float],
            dense: dict[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
     """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2).
-
     `sparsity`: a number, an N:M pattern ("2:4": the N:M mask of the same scores, the adapters of the group of
-    N/M), or one number per block. `dense` = `snapshot_linears(model)` taken before the first deploy. The
-    result is a plain transformers model with exactly floor(s * in) zeros per row; above the trained range
-    the mask alone is deployed, as in the authors' code.
-    """
+    N/M), or one number per block. `dense` = `snapshot_linears(model)` taken before the first deploy. The result
+    is a plain transformers model with exactly floor(s * in) zeros per row; above the trained range the mask
+    alone is deployed, as in the authors' code."""
     per_block, K = per_block_sparsities(sparsity, len(decoder_blocks(model))), len(state.groups)
     for key, lin in pruned_linears(model).items():
         i = block_of(key)
@@ -860,6 +823,18 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[flo
 
 
 # ===== harness: nothing below changes the math =====
+
+import argparse  # noqa: E402 - the harness's imports: the method above needs none of them
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
 
 from tqdm.auto import tqdm  # noqa: E402 - progress bars are the harness's
 
@@ -888,33 +863,20 @@ def validate_config(cfg: EPTSConfig) -> None:
         raise EPTSError(f"the low-group check sparsity {low} must lie in group 0 = ({lo}, {hi}]")
 
 
-def preflight(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: torch.device) -> None:
-    """What optimize checks before any work: the config, the window length, and the adapters' memory."""
-    validate_config(cfg)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and windows.shape[-1] > max_pos:
-        raise EPTSError(f"windows of {windows.shape[-1]} tokens are longer than the model's "
-                        f"max_position_embeddings {max_pos}")
-    check_adapter_memory(model, cfg, device)
-
-
 def check_adapter_memory(model: nn.Module, cfg: EPTSConfig, device: torch.device) -> None:
-    """Refuse a rank whose adapters cannot fit, in one line, instead of being killed for memory.
-
-    Per block on `device`: A, B with gradients and Adam's two moments (4 copies, fp32) plus the chained B of
-    every group in the forward (K x out x K*r); on the host: the elastic state of all blocks (fp32).
-    """
+    """Refuse a rank whose adapters cannot fit, in one line, instead of being killed for memory. Per block on
+    `device`: A, B with gradients and Adam's two moments (4 copies, fp32) plus the chained B of every group in
+    the forward (K x out x K*r); on the host: the elastic state of all blocks (fp32)."""
     K, r = len(cfg.groups), cfg.rank
     on_device, on_host = {}, 0
     for key, lin in pruned_linears(model).items():
         adapters = K * r * (lin.in_features + lin.out_features) * 4
         on_device[block_of(key)] = on_device.get(block_of(key), 0) + 4 * adapters + K * lin.out_features * K * r * 4
         on_host += adapters
-    need_device, free_device = max(on_device.values()), free_memory(device)
-    need_host, free_host = on_host, free_memory(torch.device("cpu"))
-    for need, free, where in ((need_device, free_device, str(device)), (need_host, free_host, "host")):
+    for need, where, name in ((max(on_device.values()), device, str(device)), (on_host, torch.device("cpu"), "host")):
+        free = free_memory(where)
         if need > free:
-            raise EPTSError(f"--rank {r}: the adapters need about {need / 2**30:.1f} GiB of {where} memory, but "
+            raise EPTSError(f"--rank {r}: the adapters need about {need / 2**30:.1f} GiB of {name} memory, but "
                             f"{free / 2**30:.1f} GiB are free; use a smaller --rank")
 
 
@@ -945,21 +907,8 @@ def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
 
 def measured_sparsity(model: nn.Module) -> float:
     """Fraction of exact zeros over all pruned linears."""
-    zeros = total = 0
-    for lin in pruned_linears(model).values():
-        zeros += int((lin.weight == 0).sum())
-        total += lin.weight.numel()
-    return zeros / total
-
-
-def finite_losses(mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:
-    """The per-group mean losses as numbers; an error naming block and group if one is not finite."""
-    values = mean.tolist()
-    bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise EPTSError(f"Phase-1 loss became {values[bad[0]]} in block {block_index}, group {bad[0]} "
-                        f"(epoch {epoch}); try a lower --lr or --no-amp (fp32)")
-    return values
+    lins = pruned_linears(model).values()
+    return sum(int((lin.weight == 0).sum()) for lin in lins) / sum(lin.weight.numel() for lin in lins)
 
 
 @dataclass
@@ -1028,7 +977,13 @@ class Runtime(PlainRuntime):
         return X.pin_memory() if torch.cuda.is_available() else X
 
     def start(self, model, windows, cfg, device) -> None:
-        preflight(model, windows, cfg, device)
+        """What optimize checks before any work: the config, the window length, and the adapters' memory."""
+        validate_config(cfg)
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and windows.shape[-1] > max_pos:
+            raise EPTSError(f"windows of {windows.shape[-1]} tokens are longer than the model's "
+                            f"max_position_embeddings {max_pos}")
+        check_adapter_memory(model, cfg, device)
         self.epochs, self.steps = cfg.epochs, cfg.epochs * math.ceil(len(windows) / cfg.batch_size)  # per block
         self.clock = Stopwatch(device)
 
@@ -1053,8 +1008,12 @@ class Runtime(PlainRuntime):
         report.seconds[stage] = self.clock.lap()
 
     def epoch_done(self, mean, block_index, epoch) -> list[float]:
-        """The epoch's losses, checked finite; the progress bar advances by the epoch's steps."""
-        losses = finite_losses(mean, block_index, epoch)
+        """The epoch's losses, an error naming block and group if one is not finite; the progress bar advances."""
+        losses = mean.tolist()
+        bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            raise EPTSError(f"Phase-1 loss became {losses[bad[0]]} in block {block_index}, group {bad[0]} "
+                            f"(epoch {epoch}); try a lower --lr or --no-amp (fp32)")
         if self.progress is not None:
             self.progress.update(self.steps // self.epochs)
             self.progress.set_postfix(block=block_index, epoch=epoch, loss=f"{sum(losses):.4g}")
@@ -1112,12 +1071,10 @@ class Stopwatch:
 def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtime, streams: Sequence[torch.Tensor],
                      draws: torch.Tensor, batch_size: int) -> Callable:
     """Record the Phase-1 `step(s, lr, *batch of every stream)` once as a CUDA graph; return a replay function.
-
     Speed only: a step launches hundreds of small kernels, a replay launches one graph. The graph reads its
     inputs from fixed buffers, so Adam must be capturable and its lr a tensor. The warm-up that CUDA graphs
     need runs the step at lr 0 (no weight moves) and then resets Adam's moments and step counter, so training
-    is unchanged. On the CPU, with the reference loop, or with a smaller last batch the step runs eagerly.
-    """
+    is unchanged. On the CPU, with the reference loop, or with a smaller last batch the step runs eagerly."""
     if not (runtime.cuda_graph and draws.device.type == "cuda" and not runtime.reference_loop
             and len(streams[0]) % batch_size == 0):
         return step
@@ -1538,8 +1495,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.Module:
     """Magnitude pruning, the baseline of the Wanda and SparseGPT repositories: in every matrix, the
     floor(s * numel) weights of smallest |W_ij| are removed (one threshold per matrix, not per row; no data).
-    Their code prunes |W| <= the threshold, i.e. one weight more; we remove exactly floor(s * numel).
-    """
+    Their code prunes |W| <= the threshold, i.e. one weight more; we remove exactly floor(s * numel)."""
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     for key, lin in pruned_linears(model).items():
         W, (s, m) = lin.weight, pattern(per_block[block_of(key)])
@@ -1553,26 +1509,21 @@ def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.M
 
 
 def wanda_prune(W: torch.Tensor, sum_sq: torch.Tensor, n_tokens: int, sparsity: float | str) -> torch.Tensor:
-    """Wanda for one layer: W * M(s) with the row-wise (or N:M) mask of Eq. 1 (no weight update).
-
-    Takes the accumulated sum of squares (||X_j||^2) and n_tokens (unused: row-wise ranking ignores scale) so
-    that it has the same signature as sparsegpt_prune and plugs into prune_sequential.
-    """
+    """Wanda for one layer: W * M(s) with the row-wise (or N:M) mask of Eq. 1 (no weight update). Takes sum_j
+    x_j^2 and n_tokens (unused: ranking ignores scale) to plug into prune_sequential as sparsegpt_prune does."""
     return W * mask_from_ranks(ranks_for(wanda_scores(W, sum_sq.sqrt()), sparsity), pattern(sparsity)[0])
 
 
 def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float | str, blocksize: int = 128,
                     percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023) for one layer: OBS pruning with weight updates.
-
     With H = 2 X X^T / n (+ 1% of its mean diagonal for stability) and U the upper Cholesky factor of H^-1,
     columns are visited left to right in blocks of 128. In each block the mask drops the weights of lowest
     saliency w_ij^2 / U_jj^2 (jointly over the block's rows and columns). Visiting column j, the pruned
     weights' error e = (w_j - q_j) / U_jj is pushed onto the not-yet-visited columns,
         W[:, j:] -= e U[j, j:],
     which is the optimal (OBS) compensation given the columns already fixed. For an N:M pattern the mask is
-    chosen adaptively too: on reaching each group of M columns, the N of lowest saliency in every row.
-    """
+    chosen adaptively too: on reaching each group of M columns, the N of lowest saliency in every row."""
     s, m = pattern(sparsity)
     W = W.float().clone()
     H = 2 * xtx.float() / n_tokens
@@ -1607,10 +1558,8 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, sparsity: float | 
                      stat=sum_of_squares, device: str | torch.device = "cpu", chunk: int = 8, desc: str = "",
                      verbose: bool = True) -> nn.Module:
     """The sequential loop of Wanda and SparseGPT: block by block, statistics come from the *pruned* stream.
-
     For each block: one forward on the current stream accumulates stat(inputs) of every linear, every linear
-    is replaced by prune_layer(W, stat, n_tokens, s), and the pruned block's outputs feed the next block.
-    """
+    is replaced by prune_layer(W, stat, n_tokens, s), and the pruned block's outputs feed the next block."""
     device = torch.device(device)
     _, names = arch_of(model)
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
@@ -1632,19 +1581,10 @@ def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float | Seque
                             verbose=verbose)
 
 
-def prune_sparsegpt(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
-                    device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
-    """SparseGPT (Frantar & Alistarh, 2023), unstructured, sequential as in its paper."""
-    return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
-                            verbose=verbose)
-
-
 def dedicated_config(cfg: EPTSConfig, sparsity: float | str) -> EPTSConfig:
-    """The "one optimization per sparsity" baseline that EPTS replaces: the same block reconstruction with a
-    single adapter trained at one fixed sparsity S (or N:M pattern, trained on N:M masks) on its own pruned
-    stream -- one group (0, S], no mixer (weight 1), no low-group check, and the rank of the chain EPTS uses
-    at S: r * (group(S) + 1).
-    """
+    """The "one optimization per sparsity" baseline that EPTS replaces: the same block reconstruction with a single
+    adapter trained at one fixed sparsity S (or N:M pattern, trained on N:M masks) on its own pruned stream: one
+    group (0, S], no mixer (weight 1), no low-group check, and the rank of EPTS's chain at S: r * (group(S) + 1)."""
     k = group_of(pattern(sparsity)[0], cfg.groups)
     if k is None:
         raise EPTSError("a dedicated run needs a sparsity > 0")
@@ -1669,18 +1609,15 @@ def dense_act_norms(model: nn.Module, windows: torch.Tensor, device: str | torch
 
 def owl_sparsities(dense: dict[str, torch.Tensor], act_norms: dict[str, torch.Tensor], target: float,
                    lam: float = 0.08, M: float = 5.0, limits: tuple[float, float] = (0.0, 1.0)) -> list[float]:
-    """OWL (Yin et al., 2023): outlier-weighted layer-wise sparsity, one sparsity per block.
-
-    A block's outlier ratio D_i is the share of its Wanda scores (all its linears pooled) above M times their
-    mean. With D normalized to [0, 1], s_i = target - 2 lam (D_i - mean D): more outliers, fewer pruned
-    weights, every s_i within target +- lam (the OWL paper's range). Each s_i is then clamped to `limits`
-    (for an elastic model: the trained range) while the mean is kept at the target where that is possible.
-    """
+    """OWL (Yin et al., 2023): outlier-weighted layer-wise sparsity, one sparsity per block. A block's outlier
+    ratio D_i is the share of its Wanda scores (all its linears pooled) above M times their mean. With D
+    normalized to [0, 1], s_i = target - 2 lam (D_i - mean D): more outliers, fewer pruned weights, every s_i
+    within target +- lam (the OWL paper's range). Each s_i is then clamped to `limits` (for an elastic model:
+    the trained range) while the mean is kept at the target where that is possible."""
     n_blocks = 1 + max(block_of(k) for k in dense)
     ratios = []
     for i in range(n_blocks):
-        scores = torch.cat([wanda_scores(W, act_norms[k]).flatten() for k, W in dense.items()
-                            if block_of(k) == i])
+        scores = torch.cat([wanda_scores(W, act_norms[k]).flatten() for k, W in dense.items() if block_of(k) == i])
         ratios.append(float((scores > M * scores.mean()).float().mean()))
     D = torch.tensor(ratios, dtype=torch.float64)
     D = (D - D.min()) / (D.max() - D.min()) if D.max() > D.min() else torch.zeros_like(D)
@@ -1717,11 +1654,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
              windows: torch.Tensor | None = None, state: ElasticState | None = None, cfg: EPTSConfig | None = None,
              device: str | torch.device = "cpu", verbose: bool = False, runtime: Runtime | None = None,
              base_model: str = "") -> nn.Module:
-    """`method`'s model at `sparsity` (one number, or one per block), written into `model` from `dense`.
-
+    """`method`'s model at `sparsity` (one number, or one per block), written into `model` from `dense`:
     epts deploys the elastic `state`; dedicated runs one EPTS-style optimization at that sparsity (`cfg`);
-    wanda and sparsegpt prune sequentially on the calibration `windows`; magnitude needs no data.
-    """
+    wanda and sparsegpt prune sequentially on the calibration `windows`; magnitude needs no data."""
     restore_dense(model, dense)  # every method starts from the dense weights
     if method == "epts":
         return deploy(model, state, sparsity, dense, device)
@@ -1733,8 +1668,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
         return deploy(model, single, sparsity, dense, device)
     if method == "wanda":
         return prune_wanda(model, windows, sparsity, device, verbose)
-    if method == "sparsegpt":
-        return prune_sparsegpt(model, windows, sparsity, device, verbose)
+    if method == "sparsegpt":  # SparseGPT (Frantar & Alistarh, 2023), sequential as in its paper
+        return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
+                                verbose=verbose)
     if method == "magnitude":
         return prune_magnitude(model, sparsity)
     raise EPTSError(f"unknown method '{method}'; one of {', '.join(METHODS)}")
@@ -1744,8 +1680,7 @@ def sweep(model: nn.Module, method: str, targets: Sequence[float], dense: dict[s
           evaluate: Callable[[float], dict[str, float]], schedule: Callable[[float], Any] | None = None, **how):
     """The method x sparsity loop (command line, benchmarks, tutorial): for every target sparsity, sparsify
     (`schedule(target)` -> one number or one per block; default the target itself), then yield a row
-    {sparsity, achieved_sparsity, ppl: evaluate(target), seconds}. The dense weights are back at the end.
-    """
+    {sparsity, achieved_sparsity, ppl: evaluate(target), seconds}. The dense weights are back at the end."""
     try:
         for target in targets:
             sparsity = schedule(target) if schedule is not None else target
@@ -1766,10 +1701,8 @@ FORMAT_VERSION = 1
 
 
 def fingerprint(model: nn.Module) -> dict:
-    """Identify the base weights: a hash of the pruned linears' shapes plus a few weight statistics.
-
-    Statistics instead of a byte hash so the same model loaded in fp32, fp16 or bf16 matches.
-    """
+    """Identify the base weights: a hash of the pruned linears' shapes plus a few weight statistics (not a byte
+    hash: the same model loaded in fp32, fp16 or bf16 matches)."""
     lins = pruned_linears(model)
     shapes = json.dumps({k: list(v.weight.shape) for k, v in lins.items()}, sort_keys=True)
     probe_keys = sorted(lins)[:: max(1, len(lins) // 8)]
@@ -1778,11 +1711,10 @@ def fingerprint(model: nn.Module) -> dict:
 
 
 def check_fingerprint(state: ElasticState, model: nn.Module, model_name: str) -> None:
-    fp = fingerprint(model)
-    same = fp["shapes"] == state.fingerprint.get("shapes") and len(fp["probe"]) == len(
-        state.fingerprint.get("probe", [])) and all(
-        math.isclose(a, b, rel_tol=1e-2) for a, b in zip(fp["probe"], state.fingerprint["probe"]))
-    if not same:
+    fp, saved = fingerprint(model), state.fingerprint
+    same_probe = len(fp["probe"]) == len(saved.get("probe", [])) and all(
+        math.isclose(a, b, rel_tol=1e-2) for a, b in zip(fp["probe"], saved["probe"]))
+    if not (fp["shapes"] == saved.get("shapes") and same_probe):
         raise EPTSError(f"the elastic state was made for base model '{state.base_model}', "
                         f"but '{model_name}' has different weights")
 
@@ -1847,13 +1779,10 @@ def _read(path: str, header_only: bool = False) -> tuple[dict[str, torch.Tensor]
     return tensors, header
 
 
-def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32, seqlen: int | None = None
-                 ) -> None:
-    """The elastic artifact: adapters (in `dtype`) + activation norms + a JSON header, as safetensors.
-
-    No pickle, no base weights, no masks (they are re-derived from the base weights and the norms). `seqlen`,
-    the calibration windows' length, is recorded for --load to evaluate at.
-    """
+def save_elastic(state: ElasticState, path: str, dtype: torch.dtype = torch.float32, seqlen: int | None = None) -> None:
+    """The elastic artifact: adapters (in `dtype`) + activation norms + a JSON header, as safetensors. No pickle,
+    no base weights, no masks (re-derived from the base weights and the norms). `seqlen`, the calibration
+    windows' length, is recorded for --load to evaluate at."""
     _write(path, _state_tensors(state, dtype), {**_state_header(state), "seqlen": seqlen})
 
 
@@ -1956,17 +1885,14 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Calibration data -> LongTensor [nsamples, seqlen].
-
-    c4 and wikitext2: token for token the loaders of the Wanda / SparseGPT repositories (c4: random documents
-    longer than seqlen from the first train shard, one random window each; wikitext2: the raw train split
-    joined by " ", windows starting in [0, n - seqlen - 1]); anything else: random windows of a local text file.
-    """
+    """Calibration data -> LongTensor [nsamples, seqlen]. c4 and wikitext2: token for token the loaders of the
+    Wanda / SparseGPT repositories (c4: random documents longer than seqlen from the first train shard, one
+    random window each; wikitext2: the raw train split joined by " ", windows starting in [0, n - seqlen - 1]);
+    anything else: random windows of a local text file."""
     if nsamples <= 0:
         raise EPTSError(f"--nsamples must be positive, got {nsamples}")
     if source == "c4":
-        docs = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
-                            split="train")
+        docs = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         rng, windows = random.Random(seed), []
         while len(windows) < nsamples:
             ids = _tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)]["text"])
@@ -1984,29 +1910,24 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
 
 
 def eval_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
-    """Evaluation text tokenized once -> LongTensor [n_tokens] (the papers' protocol).
-
-    wikitext2: the raw test split joined by "\\n\\n"; c4: the first 1100 validation documents joined by " ",
-    truncated to 256 windows (as SparseGPT); anything else: a local text file, whole.
-    """
-    if source == "wikitext2":
-        text = "\n\n".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"])
-    elif source == "c4":
+    """Evaluation text tokenized once -> LongTensor [n_tokens] (the papers' protocol). wikitext2: the raw test
+    split joined by "\\n\\n"; c4: the first 1100 validation documents joined by " ", truncated to 256 windows
+    (as SparseGPT); anything else: a local text file, whole."""
+    if source == "c4":
         docs = _hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                             split="validation")
         return _tokenize(tokenizer, " ".join(docs[:1100]["text"]))[: 256 * seqlen]
-    else:
-        text = _read_text(source)
-    return _tokenize(tokenizer, text)
+    if source == "wikitext2":
+        return _tokenize(tokenizer, "\n\n".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1",
+                                                             split="test")["text"]))
+    return _tokenize(tokenizer, _read_text(source))
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, device: str | torch.device | None = None,
                batch_size: int = 8, verbose: bool = False, desc: str = "ppl") -> float:
     """ppl = exp(mean token NLL) over the non-overlapping windows of `seqlen` tokens (the remainder is dropped).
-
-    A non-finite result (NaN or inf weights) is an error, never a number in a table.
-    """
+    A non-finite result (NaN or inf weights) is an error, never a number in a table."""
     n = tokens.numel() // seqlen
     if n == 0:
         raise EPTSError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
@@ -2079,15 +2000,13 @@ def load_gguf(name: str, trust_remote_code: bool = False):
         raise EPTSError(f"reading '{name}' needs the gguf package: pip install gguf ({str(e).splitlines()[0]})") from e
     except Exception as e:  # a truncated or damaged file fails deep inside the gguf reader, with any error type
         raise EPTSError(f"cannot read the GGUF file '{name}': {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    config = gguf.config
-    del config.quantization_config
-    model = type(gguf)(config).to(torch.float32)
+    del gguf.config.quantization_config
+    model = type(gguf)(gguf.config).to(torch.float32)
     model.load_state_dict(gguf.state_dict())
     return model, tokenizer
 
 
-def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: bool = False,
-               verbose: bool = True):
+def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: bool = False, verbose: bool = True):
     """(model, tokenizer) from the hub, a local folder or a .gguf file; a failure to load either is one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -2183,7 +2102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
                         f"{RECIPES['tuned']['rank']} with --recipe tuned)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
-    p.add_argument("--sparsities", type=fraction_arg, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
+    p.add_argument("--sparsities", type=fraction_arg, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
+                   help="sparsities to deploy and evaluate")
     p.add_argument("--pattern", default="unstructured", type=pattern_arg,
                    help="unstructured, or N:M (e.g. 2:4, 4:8: N of every M consecutive inputs pruned, what GPU "
                         "sparse tensor cores run); N:M evaluates that pattern instead of --sparsities")
