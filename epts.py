@@ -672,9 +672,8 @@ def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: tor
 def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, kwargs: dict,
                cfg: EPTSConfig, generator: torch.Generator, low_gain: float = 1.0,
                runtime: PlainRuntime | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4).
-    low_gain: group 0's adapter as deploy will use it: 1 kept, 0 switched off by the check (the mask alone),
-    the fitted gain in the tuned recipe."""
+    """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4). low_gain: group 0's
+    adapter as deploy will use it: 1 kept, 0 switched off by the check (the mask alone), the fitted gain (tuned)."""
     rt = runtime or PlainRuntime()
     s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(device_of(block))
     group = torch.arange(len(cfg.groups), device=s.device)
@@ -800,11 +799,10 @@ def per_block_sparsities(sparsity: float | str | Sequence[float], n_blocks: int)
 @torch.no_grad()
 def deploy(model: nn.Module, state: ElasticState, sparsity: float | Sequence[float],
            dense: dict[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
-    """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2).
-    `sparsity`: a number, an N:M pattern ("2:4": the N:M mask of the same scores, the adapters of the group of
-    N/M), or one number per block. `dense` = `snapshot_linears(model)` taken before the first deploy. The result
-    is a plain transformers model with exactly floor(s * in) zeros per row; above the trained range the mask
-    alone is deployed, as in the authors' code."""
+    """Write W_s = (W + sum_{j<=group(s)} B_j A_j) * M(s) into every pruned linear, in place (Eq. 2). `sparsity`: a
+    number, an N:M pattern ("2:4": the N:M mask of the same scores, the adapters of the group of N/M), or one number
+    per block; `dense` = `snapshot_linears(model)` taken before the first deploy. The result is a plain transformers
+    model with exactly floor(s * in) zeros per row; above the trained range, the mask alone (as the authors' code)."""
     per_block, K = per_block_sparsities(sparsity, len(decoder_blocks(model))), len(state.groups)
     for key, lin in pruned_linears(model).items():
         i = block_of(key)
