@@ -2471,8 +2471,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def check_inputs(args: argparse.Namespace, device: torch.device) -> dict:
-    """Before the model loads: --save where nothing is optimized, a --model path or --eval file that does not
-    exist, a --load that is no elastic state; a warning for fp16 on the CPU. Returns --load's header ({})."""
+    """Before the model loads: --save where nothing is optimized, a --model path, --eval or --calib file that does
+    not exist, a folder holding a GGUF file, a --load that is no elastic state; a warning for fp16 on the CPU.
+    Returns --load's header ({})."""
     if args.save and (args.method != "epts" or args.load):
         raise EPTSError("--save writes the elastic state that --method epts optimizes; "
                         + ("with --load nothing is optimized" if args.load else f"--method {args.method} has none"))
@@ -2483,9 +2484,15 @@ def check_inputs(args: argparse.Namespace, device: torch.device) -> dict:
         gguf_source(name)  # a missing or foreign local file, now
     elif looks_local and not os.path.exists(os.path.expanduser(name)):
         raise EPTSError(f"--model '{name}': no such folder (a hub model is named owner/name)")
+    elif os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
+        if ggufs:  # transformers would say only "Unrecognized model"
+            raise EPTSError(f"--model '{name}' has no config.json but holds {ggufs[0]}: pass that file as --model")
     for e in args.eval:
         if e not in ("wikitext2", "c4", "none") and not os.path.isfile(e):
             raise EPTSError(f"--eval '{e}' is neither wikitext2, c4, none nor a text file")
+    if args.calib not in ("wikitext2", "c4") and not os.path.isfile(args.calib) and not args.load:
+        raise EPTSError(f"--calib '{args.calib}' is neither c4, wikitext2 nor a text file")
     if args.dtype == "float16" and device.type == "cpu":
         warn("--dtype float16 on the CPU is very slow (few CPU kernels are fast in fp16): float32, the CPU's "
              "default, takes a fraction of the time")
