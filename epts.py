@@ -1151,32 +1151,32 @@ class DistributedRuntime(Runtime):
     """Runtime under torchrun: rank r runs the slices r, r+W, r+2W, ... of every block call, with the same math.
     Phase 1: rank 0 broadcasts sg(O_0), each rank backprops its slices' losses of Eq. 3, and one all-reduce sums
     the adapters' gradients (one process's gradient, summed in another order) and the losses. The no-grad passes
-    all-gather the outputs: every rank ends each block with the same streams. The dense targets are split by
-    samples. Eager steps: no CUDA graph (collectives inside one are untested here)."""
+    all-gather the outputs: every rank ends each block with the same streams. The dense targets deal out their
+    chunks of samples. Eager steps: no CUDA graph (collectives inside one are untested here)."""
 
     def dense_targets(self, block, names, X, kwargs, chunk):
-        """Rank r: the samples [r n, (r+1) n), n = ceil(N/W) rounded up to whole chunks. Y is all-gathered; so are
-        the sums of squares of every chunk, then added in the order one process adds them: the same Y and
-        Wanda norms, bit for bit. Streams in host memory (low_memory on CUDA: no NCCL there) or too few samples
-        to give every rank some: every rank computes them all."""
-        W, n = world_size(), -(-len(X) // (world_size() * chunk)) * chunk
-        if X.device != device_of(block) or (W - 1) * n >= len(X):  # the last rank would get no sample
+        """The chunks of `chunk` samples dealt round-robin: in round j rank q runs chunk j W + q, and every rank
+        all-gathers its outputs and sums of squares. The sums are added in chunk order, as one process adds them:
+        the same Y and Wanda norms, bit for bit. Streams in host memory (low_memory on CUDA: no NCCL there):
+        every rank computes them all."""
+        if X.device != device_of(block):
             return super().dense_targets(block, names, X, kwargs, chunk)
-        mine = X[process_rank() * n:][:n]
-        parts = [block_outputs_and_stats(block, names, mine[sl], kwargs, chunk) for sl in in_chunks(mine, chunk)]
-        pad = lambda t, rows: torch.cat([t, t.new_zeros(rows - len(t), *t.shape[1:])])  # noqa: E731 - equal parts
-        Y = torch.empty(W * n, *X.shape[1:], dtype=X.dtype, device=X.device)
-        torch.distributed.all_gather(list(Y.split(n)), pad(torch.cat([y for y, _ in parts]), n))
-        norms = {}
-        for name in names:
-            sums = torch.empty(W * n // chunk, len(parts[0][1][name]), device=X.device)
-            torch.distributed.all_gather(list(sums.split(n // chunk)),
-                                         pad(torch.stack([sq[name] for _, sq in parts]), n // chunk))
-            total = 0.0
-            for s in sums[:-(-len(X) // chunk)]:  # the chunks of all samples, in order
-                total = total + s
-            norms[name] = total.sqrt()
-        return Y[:len(X)], norms
+        W, n_chunks, Y = world_size(), -(-len(X) // chunk), empty_stream_like(X)
+        sums = {name: [] for name in names}
+        for first in range(0, n_chunks, W):  # one round: chunks first .. first + W - 1
+            c = first + process_rank()
+            y, sq = block_outputs_and_stats(block, names, X[c * chunk:(c + 1) * chunk], kwargs, chunk)
+            outs = [X.new_zeros(chunk, *X.shape[1:]) for _ in range(W)]
+            torch.distributed.all_gather(outs, torch.cat([y, y.new_zeros(chunk - len(y), *X.shape[1:])]))
+            for q in range(min(W, n_chunks - first)):
+                rows = slice((first + q) * chunk, (first + q + 1) * chunk)
+                Y[rows] = outs[q][:len(Y[rows])]
+            for name in names:  # a rank past the last chunk sends zeros: its sum of nothing
+                mine = sq[name] if torch.is_tensor(sq[name]) else X.new_zeros(block.get_submodule(name).in_features)
+                parts = [torch.empty_like(mine) for _ in range(W)]
+                torch.distributed.all_gather(parts, mine)
+                sums[name] += parts[:n_chunks - first]
+        return Y, {name: functools.reduce(torch.add, parts).sqrt() for name, parts in sums.items()}
 
     def owned(self, slices: Slices) -> Slices:
         """This rank's slices r, r+W, ... (views)."""

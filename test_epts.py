@@ -794,7 +794,7 @@ def max_state_difference(a: epts.ElasticState, b: epts.ElasticState) -> float:
 
 @pytest.mark.parametrize("arch,recipe", [("opt", "paper"), ("llama", "tuned")])
 def test_two_ranks_write_the_artifact_of_one_process(arch, recipe, tiny_dir, tmp_path):
-    """torchrun with 2 ranks (gloo): rank r runs the group slices r, r+2, .. and the dense targets of its samples;
+    """torchrun with 2 ranks (gloo): rank r runs the group slices r, r+2, .. and the dense targets' chunks r, r+2, ..;
     the adapters, flags and gains are one process's up to float reassociation (the --low-memory test's bound), the
     activation norms exactly; only rank 0 writes."""
     run = cli(tiny_dir, arch, "--epochs", "2", "--recipe", recipe, "--eval", "none", "--save-dtype", "float32",

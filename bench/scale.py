@@ -23,7 +23,7 @@ low-memory run; `--low-memory` times that runtime instead) and rank 0 adds `mult
 keeping what the file holds: per-stage seconds of rank 0 (the collectives keep the ranks in step), peak GPU
 memory of every rank, the projection above, the speed-up over N = 1 per stage, and `multi_gpu[shape]
 ["projection"]`: per stage, t_W = t_1 * ceil(n/W)/n / e, with n the slices the stage splits (Phase 1 and Phase 2:
-the 7 groups; the low-group check: 2; the dense targets: the samples) and e the parallel
+the 7 groups; the low-group check: 2; the dense targets: the chunks of 8 samples, dealt round-robin) and e the parallel
 efficiency measured at the largest N (ideal time / measured time), for W = 4 and W = 7 (7 groups: at most 7
 ranks, so an 8-GPU node runs 7).
 """
@@ -52,7 +52,7 @@ TINY = {
     "opt-tiny": dict(arch="opt", hidden=64, ffn=256, heads=4, kv_heads=4, layers=24, vocab=128),
     "llama-70b-tiny": dict(arch="llama", hidden=64, ffn=224, heads=8, kv_heads=2, layers=80, vocab=128),
 }
-STAGE_SLICES = {"targets": "nsamples", "phase1": 7, "low_check": 2, "phase2": 7}  # what each stage splits over ranks
+STAGE_SLICES = {"targets": "chunks", "phase1": 7, "low_check": 2, "phase2": 7}  # what each stage splits over ranks
 
 
 def build(shape: dict, n_blocks: int, seqlen: int, device: torch.device):
@@ -194,7 +194,8 @@ def add_speedups(entries: dict, shape: dict) -> None:
     if top == 1:
         return
     at_top, epochs = entries[str(top)]["per_block_seconds_measured"], entries["1"]["epochs_timed"]
-    slices = {k: entries["1"]["nsamples"] if n == "nsamples" else n for k, n in STAGE_SLICES.items()}
+    chunks = -(-entries["1"]["nsamples"] // epts.Runtime.infer_chunk)  # the targets' rounds deal these out
+    slices = {k: chunks if n == "chunks" else n for k, n in STAGE_SLICES.items()}
     ideal = lambda k, w: one[k] * -(-slices[k] // w) / slices[k]  # noqa: E731
     eff = {k: ideal(k, top) / at_top[k] for k in STAGE_SLICES}
     proj = {str(w): {k: ideal(k, w) / eff[k] for k in STAGE_SLICES} for w in (4, 7)}
