@@ -792,13 +792,14 @@ def max_state_difference(a: epts.ElasticState, b: epts.ElasticState) -> float:
     return max(diffs + [abs(x - y) for x, y in zip(a.group0_gains, b.group0_gains)])
 
 
-@pytest.mark.parametrize("arch,recipe", [("opt", "paper"), ("llama", "tuned")])
-def test_two_ranks_write_the_artifact_of_one_process(arch, recipe, tiny_dir, tmp_path):
+@pytest.mark.parametrize("arch,recipe,nsamples", [("opt", "paper", "12"),   # targets in chunks of 8: 8 + 4 samples
+                                                  ("llama", "tuned", "4")])  # one chunk: rank 1 sends none
+def test_two_ranks_write_the_artifact_of_one_process(arch, recipe, nsamples, tiny_dir, tmp_path):
     """torchrun with 2 ranks (gloo): rank r runs the group slices r, r+2, .. and the dense targets' chunks r, r+2, ..;
     the adapters, flags and gains are one process's up to float reassociation (the --low-memory test's bound), the
     activation norms exactly; only rank 0 writes."""
     run = cli(tiny_dir, arch, "--epochs", "2", "--recipe", recipe, "--eval", "none", "--save-dtype", "float32",
-              "--nsamples", "12")  # the dense targets split by samples: chunks of 8, rank 0 gets 8, rank 1 gets 4
+              "--nsamples", nsamples)
     assert one_thread_cli(*run, "--save", tmp_path / "one.safetensors")[0] == 0
     two = tmp_path / "two"
     assert run_ranks(2, [*run, "--save", two / "s.safetensors", "--json-out", two / "r.json"]) == [0, 0]
