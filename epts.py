@@ -1438,7 +1438,7 @@ def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margi
         return report
     timer, probes, prefix = timer or functools.partial(seconds_per_call, device=device), {}, arch_of(model)[0]
     seqlen = min(tokens, 2048, getattr(model.config, "max_position_embeddings", 2048))
-    ids = torch.randint(model.config.vocab_size, (max(1, tokens // seqlen), seqlen),
+    ids = torch.randint(model.config.vocab_size, (-(-tokens // seqlen), seqlen),  # at least `tokens` tokens
                         generator=torch.Generator().manual_seed(0))
     x, kwargs = capture_block_inputs(model, ids, device, next(iter(linears.values())).weight.dtype)
     shape_of = lambda lin: (*lin.weight.shape, lin.weight.dtype, lin.bias is not None)  # noqa: E731
