@@ -2488,11 +2488,10 @@ def check_inputs(args: argparse.Namespace, device: torch.device) -> dict:
         ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
         if ggufs:  # transformers would say only "Unrecognized model"
             raise EPTSError(f"--model '{name}' has no config.json but holds {ggufs[0]}: pass that file as --model")
-    for e in args.eval:
-        if e not in ("wikitext2", "c4", "none") and not os.path.isfile(e):
-            raise EPTSError(f"--eval '{e}' is neither wikitext2, c4, none nor a text file")
-    if args.calib not in ("wikitext2", "c4") and not os.path.isfile(args.calib) and not args.load:
-        raise EPTSError(f"--calib '{args.calib}' is neither c4, wikitext2 nor a text file")
+    sources = [("--eval", e, ("wikitext2", "c4", "none")) for e in args.eval]
+    for flag, source, known in sources + ([] if args.load else [("--calib", args.calib, ("c4", "wikitext2"))]):
+        if source not in known and not os.path.isfile(source):
+            raise EPTSError(f"{flag} '{source}' is neither {', '.join(known)} nor a text file")
     if args.dtype == "float16" and device.type == "cpu":
         warn("--dtype float16 on the CPU is very slow (few CPU kernels are fast in fp16): float32, the CPU's "
              "default, takes a fraction of the time")

@@ -103,12 +103,7 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     head_dim = shape["hidden"] // shape["heads"]
     flops = step_flops(epts.decoder_blocks(model)[0], names, len(cfg.groups), a.seqlen, shape["heads"] * head_dim)
     steps = a.epochs * a.nsamples
-    scale = 10 / a.epochs
-
-    def block_time(reports) -> float:
-        per = [r.seconds["total"] + r.seconds["phase1"] * (scale - 1) for r in reports]
-        return sum(per) / len(per)
-
+    projected = lambda reports: hours(shape, per_stage(reports), a.epochs)  # noqa: E731 - the one formula, below
     mean = per_stage(state.reports)
     stream_gib = a.nsamples * a.seqlen * shape["hidden"] * 4 / 2 ** 30  # one fp32 stream
     out = {
@@ -121,17 +116,17 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
         "peak_gpu_gib": peak,
         "stream_gib_each_fp32": stream_gib,
         "streams_and_targets_gib": 3 * stream_gib,  # X_dense, X_mix and the targets Y
-        "projected_block_seconds_10_epochs": block_time(state.reports),
-        "projected_total_hours_10_epochs": shape["layers"] * block_time(state.reports) / 3600,
-        "projected_one_dedicated_hours_10_epochs": shape["layers"] * block_time(ded.reports) / 3600,
-        "projected_five_dedicated_hours_10_epochs": 5 * shape["layers"] * block_time(ded.reports) / 3600,
-        "projected_seven_dedicated_hours_10_epochs": 7 * shape["layers"] * block_time(ded.reports) / 3600,
+        "projected_block_seconds_10_epochs": projected(state.reports) * 3600 / shape["layers"],
+        "projected_total_hours_10_epochs": projected(state.reports),
+        "projected_one_dedicated_hours_10_epochs": projected(ded.reports),
+        "projected_five_dedicated_hours_10_epochs": 5 * projected(ded.reports),
+        "projected_seven_dedicated_hours_10_epochs": 7 * projected(ded.reports),
         "formula": "n_layers x (targets + phase1 x 10/epochs + low_check + phase2), per-block means",
     }
     if low is not None:
         low_state, _, out["peak_gpu_gib_low_memory"] = low
         out["per_block_seconds_measured_low_memory"] = per_stage(low_state.reports)
-        out["projected_total_hours_10_epochs_low_memory"] = shape["layers"] * block_time(low_state.reports) / 3600
+        out["projected_total_hours_10_epochs_low_memory"] = projected(low_state.reports)
     print(f"{name}: {json.dumps(out, indent=1)}", flush=True)
     del model
     if device.type == "cuda":
