@@ -1245,16 +1245,11 @@ def restore_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module
 
 # 2:4 kernels: cuSPARSELt where a timed probe finds it faster, the dense weight everywhere else.
 
-SPARSE24_TOL = 2e-2  # max |2:4 - dense| / max |dense| of the probe: both kernels round to bf16/fp16, in other orders
-
-
 class Sparse24Linear(nn.Linear):
-    """An nn.Linear with a 2:4 weight that runs inputs of at least `min_tokens` rows through cuSPARSELt.
-
-    It holds the original weight and bias Parameters (same state_dict) plus `packed`, cuSPARSELt's compressed
-    copy (`unsparse24` before changing the weight). Smaller inputs (decode steps), other dtypes or devices,
-    strided inputs, autograd, and any call cuSPARSELt refuses run F.linear on the dense weight, exactly the
-    unswapped module. `calls` counts both paths."""
+    """An nn.Linear with a 2:4 weight that runs inputs of at least `min_tokens` rows through cuSPARSELt. It holds the
+    original weight and bias Parameters (same state_dict) plus `packed`, cuSPARSELt's compressed copy (`unsparse24`
+    before changing the weight). Fewer rows (decode steps), other dtypes or devices, strided inputs, autograd and any
+    call cuSPARSELt refuses run F.linear on the dense weight, exactly the unswapped module. `calls` counts both."""
 
     def __init__(self, linear: nn.Linear, min_tokens: int, config: dict | None = None):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
@@ -1269,24 +1264,16 @@ class Sparse24Linear(nn.Linear):
         xt = (nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d).t()
         return torch._cslt_sparse_mm(self.packed, xt, self.bias, transpose_result=True, **self.config)[:tokens]
 
-    def runs_24(self, x: torch.Tensor) -> bool:
-        return (x.numel() >= self.min_tokens * self.in_features and x.shape[-1] == self.in_features
-                and x.dtype == self.packed.dtype and x.device == self.packed.device and x.is_contiguous()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runs_24(x):
-            try:
+        if (x.numel() >= self.min_tokens * self.in_features and x.shape[-1] == self.in_features and x.is_contiguous()
+                and x.dtype == self.packed.dtype and x.device == self.packed.device
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            with contextlib.suppress(RuntimeError):  # a size or config cuSPARSELt has no kernel for: dense below
                 y = self.sparse_mm(x.view(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
                 self.calls["2:4"] += 1
                 return y
-            except RuntimeError:  # a size or config cuSPARSELt has no kernel for: the dense path below
-                pass
         self.calls["dense"] += 1
         return super().forward(x)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, 2:4 from {self.min_tokens} tokens, config={self.config}"
 
 
 @dataclass
@@ -1301,15 +1288,13 @@ class Sparse24Report:
     packed_bytes: int = 0    # their compressed copies, on top
 
     def summary(self) -> str:
-        n = len(self.swapped) + len(self.kept)
-        text = f"sparse24 at {self.tokens} tokens per forward: {len(self.swapped)} of {n} linears swapped"
-        if self.swapped:
-            s, m = self.swapped.values(), self.min_tokens.values()
+        s, m, kept = self.swapped.values(), self.min_tokens.values(), list(self.kept.values())
+        text = f"sparse24 at {self.tokens} tokens per forward: {len(s)} of {len(s) + len(kept)} linears swapped"
+        if s:
             text += (f" ({min(s):.2f}-{max(s):.2f}x; 2:4 from {min(m)}-{max(m)} tokens per call, dense below), keeping "
                      f"{self.fallback_bytes / 2**20:.1f} MiB of dense weights for the fallback "
                      f"(+{self.packed_bytes / 2**20:.1f} MiB packed)")
-        why = {r: list(self.kept.values()).count(r) for r in dict.fromkeys(self.kept.values())}
-        return text + ("\nkept dense: " + "; ".join(f"{n} x {r}" for r, n in why.items()) if why else "")
+        return text + "".join(f"\nkept dense: {kept.count(r)} x {r}" for r in dict.fromkeys(kept))
 
 
 def cusparselt_missing(device: torch.device) -> str | None:
@@ -1352,37 +1337,28 @@ def seconds_per_call(fn: Callable, label: tuple, device: torch.device, calls: in
     return sorted(runs)[1]
 
 
-def cslt_config(layer: Sparse24Linear, x2d: torch.Tensor) -> dict:
-    """The config cuSPARSELt's own search (GPU-timed) finds fastest for the call sparse_mm makes, where this torch
-    can search and the call takes it; else its default ({}). Timed from the host, cuSPARSELt's per-call planning
-    hides the differences between configs."""
-    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
-    try:  # (alg_id, split_k, split_k_mode, max alg_id)
-        alg, split_k, mode, _ = search(layer.packed, x2d.t(), layer.bias, None, None, True)
-        layer.config = dict(alg_id=int(alg), split_k=int(split_k), split_k_mode=int(mode))
-        layer.sparse_mm(x2d)
-        return layer.config
-    except (RuntimeError, TypeError, ValueError):  # no search in this torch, none for this call, or not taken
-        return {}
-
-
 @torch.no_grad()
-def probe24(lin: nn.Linear, tokens: int, timer: Callable) -> dict:
-    """One linear alone on `tokens` random rows: its 2:4 matmul (cslt_config) checked against dense, the time of
-    the dense matmul, and the break-even: rows halved while 2:4 alone stays faster. -> {dense_seconds, min_tokens,
-    config}, or {refused: why}."""
+def probe24(lin: nn.Linear, tokens: int, timer: Callable, tol: float = 2e-2) -> dict:
+    """One linear alone on `tokens` random rows -> {dense_seconds, min_tokens, config} or {refused: why}. The config
+    is the one cuSPARSELt's own GPU-timed search picks (from the host, its per-call planning hides the differences),
+    the default {} where this torch cannot search; the result must be within `tol` of dense relative to max |dense|
+    (both round to bf16/fp16, in other orders); the break-even: rows halved while 2:4 alone stays faster."""
     out, inp = lin.weight.shape
     gen = torch.Generator(lin.weight.device).manual_seed(0)  # a generator of its own: the caller's RNG is untouched
     x = torch.randn(tokens, inp, generator=gen, device=lin.weight.device, dtype=lin.weight.dtype)
-    def dense(n: int) -> float:
-        return timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))
+    dense = lambda n: timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))  # noqa
     try:
         layer, ref = Sparse24Linear(lin, tokens), nn.functional.linear(x, lin.weight, lin.bias)
-        layer.config = cslt_config(layer, x)
+        try:  # mm_search -> (alg_id, split_k, split_k_mode, max alg_id); kept only if the call then takes it
+            alg, split_k, mode, _ = torch._C._cusparselt.mm_search(layer.packed, x.t(), lin.bias, None, None, True)
+            layer.config = dict(alg_id=int(alg), split_k=int(split_k), split_k_mode=int(mode))
+            layer.sparse_mm(x)
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            layer.config = {}
         err = float((layer.sparse_mm(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     except RuntimeError as e:
         return dict(refused=f"cuSPARSELt refused {out}x{inp}: {str(e).strip().splitlines()[0][:80]}")
-    if not err <= SPARSE24_TOL:
+    if not err <= tol:
         return dict(refused=f"wrong results from cuSPARSELt (rel. error {err:.1e})")
     smallest, n = tokens, tokens // 2
     while n >= 16:
@@ -1396,79 +1372,70 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable) -> dict:
 
 
 @torch.no_grad()
-def speedup_in_block(block: nn.Module, layers: Sequence[Sparse24Linear], x: torch.Tensor, kwargs: dict,
-                     dense_seconds: float, timer: Callable) -> float:
-    """The speed-up of m swapped linears as a forward sees it: the block timed with them on 2:4 (T_24) and on their
-    dense weights (T), interleaved, the faster of 2 rounds each, the saving spread over them:
+def speedup_in_block(model: nn.Module, keys: Sequence[str], probe: dict, x: torch.Tensor, kwargs: dict,
+                     timer: Callable) -> float:
+    """The speed-up of the m linears `keys` (one block, one shape) as a forward sees it: their block timed with them
+    on 2:4 (T_24) and dense (T), interleaved, the faster of 2 rounds each, the saving spread over them:
 
-        speed-up = t / (t - (T - T_24) / m),    t = dense_seconds, one linear's dense matmul alone
+        speed-up = t / (t - (T - T_24) / m),    t = probe["dense_seconds"], one linear's dense matmul alone
 
     cuSPARSELt plans every call on the host: alone that time shows, inside a forward it overlaps the GPU's work."""
-    limits, times = [layer.min_tokens for layer in layers], {}
-    out, inp = layers[0].weight.shape
-    for kind in ("block dense", "block 2:4") * 2:
-        for layer, limit in zip(layers, limits):
-            layer.min_tokens = limit if kind == "block 2:4" else math.inf
-        label = (kind, out, inp, x.shape[0] * x.shape[1], len(layers))
-        times[kind] = min(times.get(kind, math.inf), timer(lambda: call_block(block, x, kwargs), label))
-    for layer, limit in zip(layers, limits):
-        layer.min_tokens = limit
-    saved = (times["block dense"] - times["block 2:4"]) / len(layers)
-    return dense_seconds / max(dense_seconds - saved, 1e-3 * dense_seconds)
+    linears, prefix, times = pruned_linears(model), arch_of(model)[0], {}
+    swapped = {k: Sparse24Linear(linears[k], probe["min_tokens"], probe["config"]) for k in keys}
+    block, (out, inp), t = decoder_blocks(model)[block_of(keys[0])], linears[keys[0]].weight.shape, probe["dense_seconds"]
+    for kind in ("block dense", "block 2:4") * 2 + ("",):  # the last round puts the dense linears back
+        for k in keys:
+            swap_module(model, f"{prefix}.{k}", swapped[k] if kind == "block 2:4" else linears[k])
+        if kind:
+            label = (kind, out, inp, x.shape[0] * x.shape[1], len(keys))
+            times[kind] = min(times.get(kind, math.inf), timer(lambda: call_block(block, x, kwargs), label))
+    saved = (times["block dense"] - times["block 2:4"]) / len(keys)
+    return t / max(t - saved, 1e-3 * t)
 
 
 def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margin: float = 1.05) -> Sparse24Report:
-    """Swap, in place, every pruned linear of a 2:4 model that cuSPARSELt runs faster for a Sparse24Linear.
-
-    `tokens`: the tokens per forward you will run (e.g. prefill 8 x 2048 = 16384). A linear is swapped when
-    cuSPARSELt can hold it (`sparse24_refusal`, `probe24`) and its 2:4 matmul is `margin` times as fast as dense
-    inside a block forward on `tokens` tokens (`speedup_in_block`); below the break-even of `probe24` (decode
-    steps) it runs dense. One probe per weight shape, in the first block that has it. `timer(fn, label)` ->
-    seconds per call (default `seconds_per_call`). On the CPU or without cuSPARSELt: no change, one warning. Run
-    under torch.no_grad() (with autograd every call runs dense); `unsparse24` undoes it.
-    """
+    """Swap, in place, every pruned linear of a 2:4 model that cuSPARSELt runs faster for a Sparse24Linear: one it
+    can hold (`sparse24_refusal`, `probe24`) whose 2:4 matmul is `margin` times as fast as dense inside a block
+    forward on `tokens` tokens, the tokens per forward you will run, e.g. prefill 8 x 2048 (`speedup_in_block`).
+    Below `probe24`'s break-even (decode steps) it runs dense. One probe per weight shape, in the first block that
+    has it; `timer(fn, label)` -> seconds per call. On the CPU or without cuSPARSELt: no change, one warning. Run
+    under torch.no_grad() (with autograd every call runs dense); `unsparse24` undoes it."""
     if tokens < 16:
         raise EPTSError(f"sparse24: tokens is the token count of a prefill forward (at least 16), got {tokens}")
     linears, report = pruned_linears(model), Sparse24Report(tokens)
-    device = next(iter(linears.values())).weight.device
-    missing = cusparselt_missing(device)
-    if missing:
+    W = next(iter(linears.values())).weight
+    if missing := cusparselt_missing(W.device):
         warnings.warn(f"sparse24: {missing}; the model is unchanged", stacklevel=2)
         report.kept = dict.fromkeys(linears, missing)
         return report
-    timer, probes, prefix = timer or functools.partial(seconds_per_call, device=device), {}, arch_of(model)[0]
+    timer, by_shape, probes = timer or functools.partial(seconds_per_call, device=W.device), {}, {}
+    for key, lin in linears.items():
+        if why := sparse24_refusal(lin, W.device):
+            report.kept[key] = why
+        else:
+            by_shape.setdefault((*lin.weight.shape, lin.weight.dtype, lin.bias is not None), []).append(key)
     seqlen = min(tokens, 2048, getattr(model.config, "max_position_embeddings", 2048))
     ids = torch.randint(model.config.vocab_size, (-(-tokens // seqlen), seqlen),  # at least `tokens` tokens
                         generator=torch.Generator().manual_seed(0))
-    x, kwargs = capture_block_inputs(model, ids, device, next(iter(linears.values())).weight.dtype)
-    shape_of = lambda lin: (*lin.weight.shape, lin.weight.dtype, lin.bias is not None)  # noqa: E731
-    why = {key: sparse24_refusal(lin, device) for key, lin in linears.items()}
-    for key, lin in linears.items():  # one probe per shape, before anything is swapped
-        if why[key] is None and shape_of(lin) not in probes:
-            probe = probes[shape_of(lin)] = probe24(lin, tokens, timer)
-            if "refused" not in probe:  # the linears of this shape in this block, swapped while their block is timed
-                same = [k for k, l in linears.items() if block_of(k) == block_of(key) and why[k] is None
-                        and shape_of(l) == shape_of(lin)]
-                layers = [Sparse24Linear(linears[k], probe["min_tokens"], probe["config"]) for k in same]
-                for k, layer in zip(same, layers):
-                    swap_module(model, f"{prefix}.{k}", layer)
-                probe["speedup"] = speedup_in_block(decoder_blocks(model)[block_of(key)], layers, x, kwargs,
-                                                    probe["dense_seconds"], timer)
-                for k in same:
-                    swap_module(model, f"{prefix}.{k}", linears[k])
-                if probe["speedup"] < margin:
-                    probe["refused"] = (f"not {margin:.2f}x faster in a forward at {tokens} tokens "
-                                        f"({lin.weight.shape[0]}x{lin.weight.shape[1]}: {probe['speedup']:.2f}x)")
-    for key, lin in linears.items():
-        probe = probes.get(shape_of(lin), {})
-        if why[key] or "refused" in probe:
-            report.kept[key] = why[key] or probe["refused"]
-            continue
-        layer = Sparse24Linear(lin, probe["min_tokens"], probe["config"])
-        swap_module(model, f"{prefix}.{key}", layer)
-        report.swapped[key], report.min_tokens[key] = probe["speedup"], layer.min_tokens
-        report.fallback_bytes += lin.weight.numel() * lin.weight.element_size()
-        report.packed_bytes += layer.packed.numel() * layer.packed.element_size()
+    x, kwargs = capture_block_inputs(model, ids, W.device, W.dtype) if by_shape else (None, {})
+    for shape, keys in by_shape.items():  # every shape probed and timed before anything is swapped
+        probe = probes[shape] = probe24(linears[keys[0]], tokens, timer)
+        if "refused" not in probe:
+            probe["speedup"] = speedup_in_block(model, [k for k in keys if block_of(k) == block_of(keys[0])], probe,
+                                                x, kwargs, timer)
+            if probe["speedup"] < margin:
+                probe["refused"] = (f"not {margin:.2f}x faster in a forward at {tokens} tokens "
+                                    f"({shape[0]}x{shape[1]}: {probe['speedup']:.2f}x)")
+    for shape, keys in by_shape.items():
+        for key in keys:
+            if "refused" in probes[shape]:
+                report.kept[key] = probes[shape]["refused"]
+                continue
+            layer = Sparse24Linear(linears[key], probes[shape]["min_tokens"], probes[shape]["config"])
+            swap_module(model, f"{arch_of(model)[0]}.{key}", layer)
+            report.swapped[key], report.min_tokens[key] = probes[shape]["speedup"], layer.min_tokens
+            report.fallback_bytes += layer.weight.numel() * layer.weight.element_size()
+            report.packed_bytes += layer.packed.numel() * layer.packed.element_size()
     return report
 
 
