@@ -10,6 +10,7 @@ import math
 import random
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -1806,13 +1807,20 @@ def tiny_24(arch: str = "llama") -> torch.nn.Module:
 
 @pytest.fixture
 def fake_cusparselt(monkeypatch):
-    """cuSPARSELt on the CPU: "compression" keeps the weight, the matmul is F.linear; records each call's tokens."""
+    """cuSPARSELt on the CPU: "compression" keeps the weight, the matmul is F.linear, its search finds config
+    (alg 3, split-k 1, mode 0); records each matmul's tokens. Every entry point is faked: a real one, given host
+    tensors on a CUDA machine, faults later in an unrelated call."""
     calls = []
 
     def sparse_mm(packed, xt, bias=None, transpose_result=False, **config):
         assert transpose_result and xt.stride() == (1, xt.shape[0])  # x^T column-major, ld = in; out x W^T + b
+        assert set(config) <= {"alg_id", "split_k", "split_k_mode"}
         calls.append(xt.shape[1])
         return torch.nn.functional.linear(xt.t(), packed, bias)
+
+    def mm_search(packed, xt, bias, alpha, out_dtype, transpose_result):  # -> (alg_id, split_k, mode, max alg_id)
+        return 3, 1, 0, 5
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=mm_search), raising=False)
     monkeypatch.setattr(epts, "cusparselt_missing", lambda device: None)
     monkeypatch.setattr(torch, "_cslt_compress", lambda W: W.clone())
     monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
@@ -1856,6 +1864,7 @@ def test_sparse24_swaps_only_what_its_probe_finds_faster_and_runs_dense_below_th
     lins = epts.pruned_linears(model)
     assert report.fallback_bytes == sum(lins[k].weight.numel() * 2 for k in swapped)
     assert all(isinstance(lins[k], epts.Sparse24Linear) == (k in swapped) for k in lins)
+    assert all(lins[k].config == dict(alg_id=3, split_k=1, split_k_mode=0) for k in swapped)  # the search's config
     assert "7 of 14 linears swapped" in report.summary() and "not 2:4" in report.summary()
     fake_cusparselt.clear()
     with torch.no_grad():

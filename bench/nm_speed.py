@@ -209,7 +209,7 @@ def linears_of(model: nn.Module) -> dict:
 @torch.no_grad()
 def bench_model2(a: argparse.Namespace, res: dict) -> None:
     """2-layer LLaMA-7B-shaped model: prefill batch x seqlen and greedy decode of 64 tokens (batch 1). Decode
-    alternates dense and swapped rounds (3 each, medians): generate's own time drifts by several % between runs."""
+    alternates dense and swapped rounds (6 each, ABBA order, medians): generate's own time drifts by several % between runs."""
     model = build_llama(2)
     ids = torch.randint(0, LLAMA_7B["vocab_size"], (a.batch, a.seqlen), device=CUDA,
                         generator=torch.Generator(CUDA).manual_seed(2))
@@ -226,8 +226,8 @@ def bench_model2(a: argparse.Namespace, res: dict) -> None:
     sparse_tokens = decode()
     out["decode_2of4_calls"] = sum(m.calls["2:4"] for m in layers) - before   # 0: every decode step runs dense
     rounds = {"dense": [], "sparse24": []}
-    for _ in range(3):
-        for name, modules in (("dense", plain), ("sparse24", swapped)):
+    for i in range(6):  # ABBA order: a drift of generate's time within a pair falls on both sides
+        for name, modules in (("dense", plain), ("sparse24", swapped))[::1 if i % 2 == 0 else -1]:
             put_back(model, modules)
             rounds[name].append(ms(decode, a.gen_calls))
     put_back(model, plain)
