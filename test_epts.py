@@ -745,27 +745,30 @@ def test_fused_merge_trains_the_same_adapters_as_the_plain_merge(recipe, monkeyp
 
 # ---------------------------------------------------------------------------------------------- many processes (torchrun)
 
-def run_ranks(world: int, args, interrupt_at: int | None = None) -> list[int]:
-    """epts.main(args) in `world` processes forked from this one, each with the environment torchrun gives a rank
-    and one thread (gloo on the CPU); returns their exit codes. interrupt_at: every rank gets Ctrl-C there."""
-    import multiprocessing
+def rank_main(r: int, world: int, port: int, args: list, interrupt_at: int | None) -> None:
+    """One rank of run_ranks: the environment torchrun gives rank r, one thread, epts.main(args)."""
     import os
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real = epts.optimize_block
+    if interrupt_at is not None:
+        epts.optimize_block = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[6] == interrupt_at \
+            else real(*a, **k)
+    sys.exit(epts.main([str(a) for a in args]))
+
+
+def run_ranks(world: int, args, interrupt_at: int | None = None) -> list[int]:
+    """epts.main(args) in `world` processes started from this one, each as torchrun starts a rank, with one thread
+    (gloo on the CPU); returns their exit codes. interrupt_at: every rank gets Ctrl-C there. Forked (fast) unless
+    this process has initialized CUDA, which a forked child cannot use: then spawned."""
+    import multiprocessing
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-
-    def rank_main(r: int) -> None:
-        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        real = epts.optimize_block
-        if interrupt_at is not None:
-            epts.optimize_block = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[6] == interrupt_at \
-                else real(*a, **k)
-        sys.exit(epts.main([str(a) for a in args]))
-
-    procs = [multiprocessing.get_context("fork").Process(target=rank_main, args=(r,)) for r in range(world)]
+    ctx = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+    procs = [ctx.Process(target=rank_main, args=(r, world, port, args, interrupt_at)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
