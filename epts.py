@@ -1501,11 +1501,10 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity:
         i2 = min(i1 + blocksize, W.shape[1])
         W1, U1, err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
         d = torch.diag(U1)
-        saliency = (W1 ** 2 / d ** 2).flatten()
-        pruned = torch.zeros_like(saliency, dtype=torch.bool)
-        if m is None:
-            pruned[torch.topk(saliency, prune_count(s, saliency.numel()), largest=False).indices] = True
-        pruned = pruned.view_as(W1)
+        pruned = torch.zeros_like(W1, dtype=torch.bool)
+        if m is None:  # the block's lowest saliencies, over its rows and columns jointly
+            saliency = (W1 ** 2 / d ** 2).flatten()
+            pruned.view(-1)[torch.topk(saliency, prune_count(s, saliency.numel()), largest=False).indices] = True
         for j in range(i2 - i1):
             if m is not None and j % m == 0:  # N:M: this group's N lowest saliencies, on the updated weights
                 sal = W1[:, j:j + m] ** 2 / d[j:j + m].view(1, -1) ** 2
@@ -1537,13 +1536,6 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, sparsity: float | 
             lin.weight.copy_(prune_layer(lin.weight, stats[n], windows.numel(), per_block[i]))
         X = block_forward(block, X, kwargs, chunk)
     return model
-
-
-def prune_wanda(model: nn.Module, windows: torch.Tensor, sparsity: float | Sequence[float],
-                device: str | torch.device = "cpu", verbose: bool = True) -> nn.Module:
-    """Wanda (Sun et al., 2023), sequential as in its paper."""
-    return prune_sequential(model, windows, sparsity, wanda_prune, sum_of_squares, device, desc="Wanda",
-                            verbose=verbose)
 
 
 def dedicated_config(cfg: EPTSConfig, sparsity: float | str) -> EPTSConfig:
@@ -1631,8 +1623,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
         single = optimize(model, windows, dedicated_config(cfg, sparsity), device, base_model,
                           replace(runtime or Runtime(), verbose=verbose))
         return deploy(model, single, sparsity, dense, device)
-    if method == "wanda":
-        return prune_wanda(model, windows, sparsity, device, verbose)
+    if method == "wanda":  # Wanda (Sun et al., 2023), sequential as in its paper
+        return prune_sequential(model, windows, sparsity, wanda_prune, sum_of_squares, device, desc="Wanda",
+                                verbose=verbose)
     if method == "sparsegpt":  # SparseGPT (Frantar & Alistarh, 2023), sequential as in its paper
         return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
                                 verbose=verbose)
@@ -1854,8 +1847,6 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     Wanda / SparseGPT repositories (c4: random documents longer than seqlen from the first train shard, one
     random window each; wikitext2: the raw train split joined by " ", windows starting in [0, n - seqlen - 1]);
     anything else: random windows of a local text file."""
-    if nsamples <= 0:
-        raise EPTSError(f"--nsamples must be positive, got {nsamples}")
     if source == "c4":
         docs = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         rng, windows = random.Random(seed), []
@@ -2053,19 +2044,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib", default="c4", help="calibration data: c4 | wikitext2 | path to a text file")
     p.add_argument("--eval", nargs="+", help="wikitext2 | c4 | text file paths | none (default: wikitext2; none "
                    "with --load and --export-sparsity)")
-    p.add_argument("--eval-tokens", type=int, default=None,
+    p.add_argument("--eval-tokens", type=int,
                    help="evaluate on the first N tokens of each --eval text only (default: all)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window, and per evaluation "
-                   "window (perplexity depends on it); default: a --load state's own, else min(2048, "
-                   "max_position_embeddings)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window, and per evaluation window (perplexity "
+                   "depends on it); default: a --load state's own, else min(2048, max_position_embeddings)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of Phase 1 per block")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate, cosine-annealed to 0")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=d.recipe, help="paper (the authors') or tuned "
                    "(group 0 trained alone on the dense stream, ramped and fitted gain, rank 32; see README)")
-    p.add_argument("--rank", type=int, default=None,
-                   help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
-                        f"{RECIPES['tuned']['rank']} with --recipe tuned)")
+    p.add_argument("--rank", type=int, help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
+                   f"{RECIPES['tuned']['rank']} with --recipe tuned)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
     p.add_argument("--sparsities", type=fraction_arg, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
                    help="sparsities to deploy and evaluate")
@@ -2084,7 +2073,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the model's dtype (auto: fp32 on CPU, the checkpoint's on GPU); blocks optimize in fp32")
     add_runtime_args(p)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and of every draw")
-    p.add_argument("--nm-train", type=nm_arg, default=None, metavar="N:M",
+    p.add_argument("--nm-train", type=nm_arg, metavar="N:M",
                    help="not in the paper: train the group holding N/M also on N:M masks (one more Phase-1 slice, "
                         "~1/7 more time), for deployment at N:M")
     p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in d.groups], metavar="HI",
@@ -2126,14 +2115,12 @@ def fraction_arg(text: str) -> float:
 
 
 def nm_arg(text: str) -> str:
-    """An N:M pattern (--nm-train)."""
     if not isinstance(sparsity_arg(text), str):
         raise argparse.ArgumentTypeError(f"expected N:M (e.g. 2:4), got '{text}'")
     return text
 
 
 def pattern_arg(text: str) -> str:
-    """--pattern: unstructured or N:M."""
     return text if text == "unstructured" else nm_arg(text)
 
 
@@ -2179,7 +2166,6 @@ def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, flo
 
 
 def targets_of(args: argparse.Namespace) -> list[float | str]:
-    """What the run evaluates: the --sparsities, or the one --pattern N:M."""
     return args.sparsities if args.pattern == "unstructured" else [args.pattern]
 
 
@@ -2246,8 +2232,6 @@ def check_export_dir(args: argparse.Namespace, model_dir: str | None) -> None:
         raise EPTSError("--export-sparsity and --export-dir go together")
     if model_dir and (inside(path, model_dir) or inside(model_dir, path)):
         raise EPTSError(f"--export-dir '{path}' would overwrite the model folder '{args.model}'")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise EPTSError(f"--export-dir '{path}' is a file, not a folder")
     if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
         raise EPTSError(f"--export-dir '{path}' is not empty; choose a new folder or pass --overwrite")
     earlier_export(path)
@@ -2290,10 +2274,9 @@ def checkpoint_path(args: argparse.Namespace, model_dir: str | None = None) -> s
         if args.resume:
             raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives), with --method epts")
         return None
-    folder = os.path.dirname(path)
     if model_dir and inside(path, model_dir):
         raise EPTSError(f"the checkpoint '{path}' would lie inside the model folder '{args.model}'")
-    writable_folder(folder, "--checkpoint-dir" if args.checkpoint_dir else "--save")
+    writable_folder(os.path.dirname(path), "--checkpoint-dir" if args.checkpoint_dir else "--save")
     if os.path.exists(path) and not args.resume:
         raise EPTSError(f"a checkpoint of an interrupted run exists at '{path}': pass --resume to continue it, "
                         "or remove it")
@@ -2372,20 +2355,6 @@ def sparsity_plan(args: argparse.Namespace, model: nn.Module, dense: dict[str, t
         limits = (0.0, state.groups[-1][1]) if state is not None else (0.0, 1.0)
         return args.sparsities, lambda target: owl_sparsities(dense, norms, target, limits=limits)
     return targets_of(args), None
-
-
-def table_row(r: dict, evals: Sequence[str]) -> str:
-    """One row of the printed table: sparsity, achieved sparsity, one perplexity per --eval, deploy seconds."""
-    ppl = " ".join(f"{r['ppl'][e]:>14.3f}" for e in evals)
-    s = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
-    return f"{s:>8} {r['achieved_sparsity']:>9.4f} {ppl} {r['seconds']:>8.1f}"
-
-
-def table_head(evals: Sequence[str]) -> str:
-    """The table's header; `deploy s` is the time to set a row's weights (pruning, for a baseline), not to evaluate."""
-    short = [os.path.basename(e.rstrip("/")) or e for e in evals]
-    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{s[:14]:>14}" for s in short) + f" {'deploy s':>8}"
-    return head + "\n" + "-" * len(head)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -2492,6 +2461,8 @@ def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict
                         dense: dict[str, torch.Tensor], schedule_file: list[float] | None, how: dict,
                         result: dict) -> None:
     """Dense perplexity, then the method at every sparsity; each table row printed when it is ready."""
+    short = {e: os.path.basename(e.rstrip("/")) or e for e in tokens}  # --eval's names in the progress bars and table
+
     def evaluate(sparsity: float) -> dict[str, float]:
         model.to(how["device"])
         if args.sparse24 and sparsity == "2:4":  # swapped for this row only: the next sparsify writes the weights
@@ -2499,22 +2470,28 @@ def evaluate_and_report(args: argparse.Namespace, model: nn.Module, tokens: dict
             result["sparse24"] = asdict(report)
             print(report.summary(), flush=True)
         ppl = {e: perplexity(model, t, seqlen, how["device"], args.eval_batch_size, not args.quiet,
-                             desc=f"ppl {os.path.basename(e.rstrip('/')) or e} s={sparsity}") for e, t in tokens.items()}
+                             desc=f"ppl {short[e]} s={sparsity}") for e, t in tokens.items()}
         unsparse24(model)
         if args.method != "epts":
             model.cpu()  # the pruning loops keep the model where it was loaded and move one block at a time
         return ppl
 
+    def table_row(r: dict) -> str:  # sparsity, achieved sparsity, one perplexity per --eval, deploy seconds
+        s = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
+        ppl = " ".join(f"{r['ppl'][e]:>14.3f}" for e in tokens)
+        return f"{s:>8} {r['achieved_sparsity']:>9.4f} {ppl} {r['seconds']:>8.1f}"
+
     targets, schedule = sparsity_plan(args, model, dense, schedule_file, how)
     result["dense"] = evaluate(0.0)
     print(f"\n{args.method} on {args.model} (seqlen {seqlen}, schedule {args.schedule}); "
           f"optimize {result['optimize_seconds']:.1f}s")
-    print(table_head(list(tokens)))
-    print(table_row({"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}, list(tokens)),
-          flush=True)
+    # `deploy s` is the time to set a row's weights (pruning, for a baseline), not to evaluate
+    head = f"{'sparsity':>8} {'achieved':>9} " + " ".join(f"{short[e][:14]:>14}" for e in tokens) + f" {'deploy s':>8}"
+    print(head + "\n" + "-" * len(head))
+    print(table_row({"sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": result["dense"], "seconds": 0.0}), flush=True)
     for row in sweep(model, args.method, targets, dense, evaluate, schedule, **how):
         result["results"].append(row)
-        print(table_row(row, list(tokens)), flush=True)
+        print(table_row(row), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
