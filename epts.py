@@ -1847,6 +1847,8 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     Wanda / SparseGPT repositories (c4: random documents longer than seqlen from the first train shard, one
     random window each; wikitext2: the raw train split joined by " ", windows starting in [0, n - seqlen - 1]);
     anything else: random windows of a local text file."""
+    if nsamples <= 0:
+        raise EPTSError(f"--nsamples must be positive, got {nsamples}")
     if source == "c4":
         docs = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         rng, windows = random.Random(seed), []
