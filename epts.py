@@ -65,7 +65,7 @@ class EPTSConfig:
     # The tuned recipe (`recipe_config("tuned")`, not in the paper; RESULTS.md measures every switch alone):
     group0_input: str = "mix"                   # "dense": group 0's Phase-1 slice sees X_dense, the stream it serves
     stop_chain_grad: bool = False               # groups >= 1 use sg(B_0 A_0): B_0 learns from group 0's loss only
-    group0_ramp: bool = False                   # B_0 A_0 scaled by s / hi_0 inside group 0 (group0_gain)
+    group0_ramp: bool = False                   # B_0 A_0 scaled by s / hi_0 inside group 0 (tuned_slices)
     low_gain: str = "check"                     # "fit": a fitted gain in [0, 1] (fit_low_gain), not on/off
     recipe: str = "paper"
 
@@ -113,12 +113,10 @@ def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def weight_dtype(model: nn.Module) -> str:
-    """The dtype of the pruned linears' weights, e.g. "torch.bfloat16"."""
     return str(next(iter(pruned_linears(model).values())).weight.dtype)
 
 
 def block_of(key: str) -> int:
-    """The block index of a pruned-linear key "<block index>.<name in block>"."""
     return int(key.split(".", 1)[0])
 
 
@@ -184,7 +182,6 @@ def pattern(sparsity: float | str) -> tuple[float, int | None]:
 
 
 def ranks_for(scores: torch.Tensor, sparsity: float | str | None) -> torch.Tensor:
-    """row_ranks for an unstructured sparsity, nm_ranks for an N:M pattern."""
     m = pattern(sparsity)[1] if sparsity is not None else None
     return row_ranks(scores) if m is None else nm_ranks(scores, m)
 
@@ -211,17 +208,11 @@ def group_of(sparsity: float, groups: Sequence[tuple[float, float]] = GROUPS) ->
     raise EPTSError(f"sparsity {sparsity} is outside the trained range [0, {groups[-1][1]}]")
 
 
-def chain_of(group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """The inheritance chain of Eq. 2 as data -> float [G, K]: c_gj = 1 if adapter j is in slice g's sum
-    (j <= group_g), else 0. A row of zeros (group_g = NO_ADAPTER) is the mask alone."""
-    return (torch.arange(n_groups, device=group.device).view(1, -1) <= group.view(-1, 1)).float()
-
-
 def chained_delta(A: torch.Tensor, B: torch.Tensor, chain: torch.Tensor, frozen: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """sum_j c_gj B_j A_j for G slices at once -> [G, out, in], as one matmul [c_g0 B_0 .. c_g(K-1) B_(K-1)] @
-    [A_0; ..; A_(K-1)]. A [K, r, in], B [K, out, r], chain [G, K]. frozen [G, K] (tuned recipe only): the terms
-    that pass no gradient to B_j, sg(B_j)."""
+    [A_0; ..; A_(K-1)]. A [K, r, in], B [K, out, r], chain [G, K] (slices_of). frozen [G, K] (tuned recipe only):
+    the terms that pass no gradient to B_j, sg(B_j)."""
     K, out_f, r = B.shape
     B_k = B.permute(1, 0, 2).unsqueeze(0)                                                    # [1, out, K, r]
     if frozen is not None:
@@ -235,7 +226,7 @@ def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B
 
         W_g = (W + sum_{j<=group_g} B_j A_j) * M(sparsity_g)
 
-    weight [out, in], ranks [out, in] or [G, out, in], sparsity [G], chain [G, K] = chain_of(group, K). The sum
+    weight [out, in], ranks [out, in] or [G, out, in], sparsity [G], chain [G, K] (slices_of). The sum
     over j <= k is the inheritance chain: a group reuses the adapters of every lower group and adds its own.
     Masking the delta keeps W_g exactly as sparse as M(s)."""
     delta = chained_delta(A, B, chain, frozen)
@@ -244,8 +235,7 @@ def elastic_weight(weight: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, B
 
 @dataclass
 class Slices:
-    """G slices of one block call, as data: slice g runs every pruned linear with W_g (elastic_weight) at
-    sparsity[g] with the adapters chain[g]. The paper: `slices_of(sparsity, group, K)`, chain = chain_of(group)."""
+    """G slices of one block call, as data: slice g runs every pruned linear with its own W_g (elastic_weight)."""
 
     sparsity: torch.Tensor                     # [G] float64
     group: torch.Tensor                        # [G] long; NO_ADAPTER: the mask alone
@@ -262,14 +252,16 @@ class Slices:
 
 
 def slices_of(sparsity: torch.Tensor, group: torch.Tensor, n_groups: int, nm: torch.Tensor | None = None) -> Slices:
-    """The paper's slices: slice g at sparsity[g] with the chain of group[g]."""
-    return Slices(sparsity, group, chain_of(group, n_groups), nm)
+    """The paper's slices: slice g at sparsity[g] with the inheritance chain of Eq. 2 as data, c_gj = 1 if
+    adapter j is in slice g's sum (j <= group[g]), else 0. A row of zeros (NO_ADAPTER) is the mask alone."""
+    chain = (torch.arange(n_groups, device=group.device).view(1, -1) <= group.view(-1, 1)).float()
+    return Slices(sparsity, group, chain, nm)
 
 
 class HiLoRALinear(nn.Module):
-    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA). `route(slices)`
-    selects G slices; the input's leading batch dimension is split into G equal parts and part g is multiplied
-    by W_g (Eq. 2). `weight_fn` computes W_g: elastic_weight, or a runtime's tested-equal faster version of it."""
+    """A frozen linear layer with K chained LoRA pairs and a nested Wanda mask (MS-HiLoRA). For the G slices in
+    `.slices`, the input's leading batch dimension is split into G equal parts and part g is multiplied by W_g
+    (Eq. 2). `weight_fn` computes W_g: elastic_weight, or a runtime's tested-equal faster version of it."""
 
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, n_groups: int, rank: int,
                  generator: torch.Generator | None = None, nm_ranks: torch.Tensor | None = None,
@@ -284,10 +276,7 @@ class HiLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
         self.A = nn.Parameter(A.to(base.weight.device))
         self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=base.weight.device))  # B = 0: no-op at init
-        self.weight_fn, self.slices = weight_fn, None  # route() before the first forward
-
-    def route(self, slices: Slices) -> None:
-        self.slices = slices
+        self.weight_fn, self.slices = weight_fn, None  # set by the caller before every forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sl = self.slices
@@ -313,12 +302,6 @@ def attach_hilora(block: nn.Module, names: Sequence[str], norms: dict[str, torch
                                  extra, weight_fn)
         swap_module(block, n, layers[n])
     return layers
-
-
-def detach_hilora(block: nn.Module, layers: dict[str, HiLoRALinear]) -> None:
-    """Put the original linears back."""
-    for n, layer in layers.items():
-        swap_module(block, n, layer.base)
 
 
 # 4. Objective (Eq. 3): block reconstruction, guided by the lowest-sparsity output -----------------------------
@@ -418,7 +401,7 @@ def in_chunks(X: torch.Tensor, chunk: int) -> list[slice]:
 @torch.no_grad()
 def block_forward(block: nn.Module, X: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:
     """f(X) for every sample of a stream, `chunk` samples at a time."""
-    Y = empty_stream_like(X)  # where X lives: the device, or pinned host memory (harness)
+    Y = empty_stream_like(X)
     for sl in in_chunks(X, chunk):
         Y[sl] = call_block(block, X[sl], kwargs)
     return Y
@@ -431,7 +414,7 @@ def forward_groups(block: nn.Module, layers: dict[str, HiLoRALinear], x: torch.T
     outs = []
     for g in range(len(slices)):
         for layer in layers.values():
-            layer.route(slices[g])
+            layer.slices = slices[g]
         reads_dense = slices.dense_input is not None and slices.dense_input[g]
         outs.append(call_block(block, x_dense if reads_dense else x, kwargs))
     return torch.stack(outs)
@@ -471,31 +454,18 @@ def dense_targets_and_norms(block: nn.Module, names: Sequence[str], X: torch.Ten
 
 # 7. The two-phase block loop: Phase 1 (adapters), low-group check, Phase 2 (mixed features), block by block ---
 
-def stratified_draws(groups: Sequence[tuple[float, float]], steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Sparsities for every Phase-1 step and group -> float64 [steps, K]. Group k = (lo, hi] is split into `steps`
-    equal sub-intervals, shuffled; step t draws uniformly inside its own: each is visited once, in random order."""
+def draw_sparsities(cfg: EPTSConfig, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """s_k for `steps` steps and every group k -> float64 [steps, K], stratified: group k = (lo, hi] is cut into
+    `steps` equal sub-intervals and each step draws uniformly inside another one, in random order (one step, as in
+    Phase 2: one uniform draw per group). A dedicated run (cfg.fixed_sparsity) always uses its one sparsity."""
+    if cfg.fixed_sparsity is not None:
+        return torch.full((steps, len(cfg.groups)), pattern(cfg.fixed_sparsity)[0], dtype=torch.float64)
     cols = []
-    for lo, hi in groups:
-        slot = torch.randperm(steps, generator=generator).double()
+    for lo, hi in cfg.groups:
+        slot = torch.randperm(steps, generator=generator).double()  # randperm(1) draws no random number
         u = torch.rand(steps, generator=generator, dtype=torch.float64)
         cols.append(hi - (slot + u) / steps * (hi - lo))  # in (lo, hi]
     return torch.stack(cols, dim=1)
-
-
-def uniform_draws(groups: Sequence[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
-    """One sparsity drawn uniformly inside each group (lo, hi] -> float64 [K]."""
-    lo, hi = torch.tensor(groups, dtype=torch.float64).T
-    return hi - torch.rand(len(groups), generator=generator, dtype=torch.float64) * (hi - lo)
-
-
-def draw_sparsities(cfg: EPTSConfig, steps: int, generator: torch.Generator, stratified: bool = True) -> torch.Tensor:
-    """s_k for `steps` steps and every group k -> float64 [steps, K]: Phase 1 draws stratified inside each group,
-    Phase 2 one uniform draw per group; a dedicated run (cfg.fixed_sparsity) always uses its one sparsity."""
-    if cfg.fixed_sparsity is not None:
-        return torch.full((steps, len(cfg.groups)), pattern(cfg.fixed_sparsity)[0], dtype=torch.float64)
-    if stratified:
-        return stratified_draws(cfg.groups, steps, generator)
-    return torch.stack([uniform_draws(cfg.groups, generator) for _ in range(steps)])
 
 
 def phase1_groups(cfg: EPTSConfig, steps: int, generator: torch.Generator, device: torch.device
@@ -512,28 +482,20 @@ def phase1_groups(cfg: EPTSConfig, steps: int, generator: torch.Generator, devic
     return groups.to(device), draws.to(device), (torch.arange(len(groups)) == len(groups) - 1).to(device)
 
 
-def group0_gain(sparsity: torch.Tensor, group: torch.Tensor, top0: float, ramp: bool, fitted: float = 1.0
-                ) -> torch.Tensor | None:
-    """The scale of B_0 A_0 in the slices of group 0 (1 in every other group):
-
-        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's gain (0/1: the check; fit_low_gain)
-
-    The ramp lets the correction fade with the weights removed (s -> 0: the dense model). None: all 1 (paper)."""
-    if not ramp and fitted == 1.0:
-        return None
-    g = fitted * (sparsity / top0 if ramp else torch.ones_like(sparsity))
-    return torch.where(group == 0, g, torch.ones_like(g)).float()
-
-
 def tuned_slices(sl: Slices, top0: float, ramp: bool = False, gamma: float = 1.0, stop_chain_grad: bool = False,
                  group0_dense: bool = False) -> Slices:
     """The tuned recipe (not in the paper), as one step on the paper's slices; with the defaults it changes
-    nothing. ramp, gamma: B_0 A_0 scaled by group0_gain in group-0 slices (gamma 0: the mask alone, also the
-    paper's switched-off adapter). stop_chain_grad: slices of groups >= 1 use sg(B_0). group0_dense: group 0's
-    Phase-1 slice reads X_dense, the stream it serves at deploy."""
-    gain0 = group0_gain(sl.sparsity, sl.group, top0, ramp, gamma)
-    if gain0 is not None:
-        sl = replace(sl, chain=torch.cat([sl.chain[:, :1] * gain0.view(-1, 1), sl.chain[:, 1:]], dim=1))
+    nothing. ramp, gamma: in the slices of group 0 (only), B_0 A_0 is scaled by
+
+        g(s) = gamma * s / hi_0  (ramp)   or   gamma,      gamma = the block's gain (0/1: the check; fit_low_gain)
+
+    The ramp lets the correction fade with the weights removed (s -> 0: the dense model); gamma 0 is the mask
+    alone, also the paper's switched-off adapter. stop_chain_grad: slices of groups >= 1 use sg(B_0).
+    group0_dense: group 0's Phase-1 slice reads X_dense, the stream it serves at deploy."""
+    if ramp or gamma != 1.0:
+        g = gamma * (sl.sparsity / top0 if ramp else torch.ones_like(sl.sparsity))
+        g = torch.where(sl.group == 0, g, torch.ones_like(g)).float()
+        sl = replace(sl, chain=torch.cat([sl.chain[:, :1] * g.view(-1, 1), sl.chain[:, 1:]], dim=1))
     if stop_chain_grad:
         first = torch.arange(sl.chain.shape[1], device=sl.group.device) == 0
         sl = replace(sl, frozen=first.view(1, -1) & (sl.group.view(-1, 1) > 0))
@@ -542,21 +504,15 @@ def tuned_slices(sl: Slices, top0: float, ramp: bool = False, gamma: float = 1.0
     return sl
 
 
-def step_slices(cfg: EPTSConfig, sparsity: torch.Tensor, groups: torch.Tensor, nm: torch.Tensor | None) -> Slices:
-    """The slices of one Phase-1 step at its drawn sparsities; the tuned recipe's switches applied last."""
-    return tuned_slices(slices_of(sparsity, groups, len(cfg.groups), nm), cfg.groups[0][1], cfg.group0_ramp,
-                        1.0, cfg.stop_chain_grad, cfg.group0_input == "dense")
-
-
 def cosine_lr(step: int, total: int, base: float) -> float:
     """lr_t = base * (1 + cos(pi * t / T)) / 2: cosine annealing from `base` to 0 over T steps."""
     return base * (1 + math.cos(math.pi * step / total)) / 2
 
 
 class PlainRuntime:
-    """How the loop runs on the hardware: the plain paths, one slice at a time, as the paper reads. The
-    harness's Runtime (below the banner) replaces each method with a faster one tested equal to it and adds
-    checks, progress, timing and checkpoints; the method never names them. None of this is a hyper-parameter."""
+    """How the loop runs on the hardware: the plain paths, one slice at a time, as the paper reads. The harness's
+    Runtime (below the banner) replaces each hook with a faster one tested equal to it, or with what its comment
+    says (checks, progress, timing, checkpoints); the method never names it. None of this is a hyper-parameter."""
 
     infer_chunk = 8  # samples per no-grad block call (targets, check, Phase 2)
     dense_targets = staticmethod(dense_targets_and_norms)
@@ -569,29 +525,25 @@ class PlainRuntime:
         loss.backward()
         return per_group
 
-    def autocast(self, device: torch.device):  # the harness: bf16 on CUDA
+    def autocast(self, device: torch.device):  # bf16 on CUDA
         return contextlib.nullcontext()
 
-    def compile_step(self, step: Callable, opt, streams, draws, batch_size) -> Callable:  # harness: a CUDA graph
+    def compile_step(self, step: Callable, opt, streams, draws, batch_size) -> Callable:  # a CUDA graph
         return step
 
-    def start(self, model, windows, cfg, device) -> None:  # the harness: one-line checks before any work
-        pass
-
-    def restore(self, model, windows, cfg, state, X_dense):  # the harness: host streams, resume a checkpoint
+    def restore(self, model, windows, cfg, state, X_dense):  # host streams, resume a checkpoint
         return 0, state, X_dense, X_dense.clone()  # block 0: both streams are the embeddings' output
 
-    def blocks(self, model: nn.Module, device: torch.device, start: int):  # the harness: a progress bar
+    def blocks(self, model: nn.Module, device: torch.device, start: int):  # a progress bar
         return blocks_on(model, device, start)
 
-    def lap(self, report, stage: str) -> None:  # the harness: seconds per stage
-        pass
-
-    def epoch_done(self, mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:  # harness: progress
+    def epoch_done(self, mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:  # a finite check, progress
         return mean.tolist()
 
-    def block_done(self, state, cfg, next_block, X_dense, X_mix, windows) -> None:  # the harness: a checkpoint
+    def _no_op(self, *args) -> None:
         pass
+
+    start = lap = block_done = _no_op  # checks before any work; seconds per stage; a checkpoint after each block
 
 
 def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
@@ -610,7 +562,9 @@ def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch
     def step(s: torch.Tensor, lr: float | torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_dense=None):
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        per_group = rt.phase1_backward(block, layers, x, y, kwargs, step_slices(cfg, s, groups, nm), x_dense)
+        slices = tuned_slices(slices_of(s, groups, len(cfg.groups), nm), cfg.groups[0][1], cfg.group0_ramp, 1.0,
+                              cfg.stop_chain_grad, cfg.group0_input == "dense")  # the tuned recipe's switches last
+        per_group = rt.phase1_backward(block, layers, x, y, kwargs, slices, x_dense)
         opt.step()
         return per_group
 
@@ -652,7 +606,7 @@ def low_group_check(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: 
 def fit_low_gain(block: nn.Module, layers: dict[str, HiLoRALinear], X_dense: torch.Tensor, Y: torch.Tensor,
                  kwargs: dict, cfg: EPTSConfig, runtime: PlainRuntime | None = None, gammas: int = 5,
                  points: int = 4) -> tuple[float, dict[str, list[float]]]:
-    """Tuned recipe, in place of the on/off check: the block's gain gamma on B_0 A_0 in group 0 (group0_gain),
+    """Tuned recipe, in place of the on/off check: the block's gain gamma on B_0 A_0 in group 0 (tuned_slices),
 
         gamma = argmin_{gamma in {0, 1/4, .., 1}}  sum_s  l(f(X_dense; W_s(gamma)), Y) / l(f(X_dense; W * M(s)), Y)
 
@@ -675,7 +629,7 @@ def phase2_mix(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.T
     """Phase 2 (MSFM): draw one s_k per group, X_mix <- sum_k w_k f(X_mix; W_{s_k}) (Eq. 4). low_gain: group 0's
     adapter as deploy will use it: 1 kept, 0 switched off by the check (the mask alone), the fitted gain (tuned)."""
     rt = runtime or PlainRuntime()
-    s = draw_sparsities(cfg, 1, generator, stratified=False)[0].to(device_of(block))
+    s = draw_sparsities(cfg, 1, generator)[0].to(device_of(block))
     group = torch.arange(len(cfg.groups), device=s.device)
     slices = tuned_slices(slices_of(s, group, len(cfg.groups)), cfg.groups[0][1], cfg.group0_ramp, low_gain)
     mixed = empty_stream_like(X_mix)
@@ -706,8 +660,7 @@ class BlockReport:
 class ElasticState:
     """The elastic model minus its base weights: everything needed to deploy at any sparsity. adapters[key] =
     (A [K, r, in], B [K, out, r]), act_norms[key] = ||X_j||_2 [in] of the dense inputs, key "<block>.<linear>";
-    the masks are re-derived from the base weights and the norms. group0_gains[i]: block i's B_0 A_0 in group
-    0: 1 or 0 (the low-group check), or the tuned recipe's fitted gain."""
+    the masks are re-derived from the base weights and the norms."""
 
     groups: list[tuple[float, float]]
     mixer: list[float]
@@ -718,7 +671,7 @@ class ElasticState:
     group0_ramp: bool = False  # tuned recipe: B_0 A_0 scaled by s / hi_0 inside group 0
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
-    group0_gains: list[float] = field(default_factory=list)
+    group0_gains: list[float] = field(default_factory=list)  # block i's BlockReport.group0_gain
     reports: list[BlockReport] = field(default_factory=list)
 
     @property
@@ -755,7 +708,8 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
         rt.lap(report, "phase2")
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
-        detach_hilora(block, layers)
+        for n, layer in layers.items():  # the original linears back
+            swap_module(block, n, layer.base)
         for p, flag in trainable.items():
             p.requires_grad_(flag)
     return adapters, {n: v.cpu() for n, v in norms.items()}, report, Y, X_mix
@@ -764,8 +718,7 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
 def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: str | torch.device = "cpu",
              base_model: str = "", runtime: PlainRuntime | None = None) -> ElasticState:
     """EPTS: capture block 0's inputs, then for every block run Phase 1, the low-group check and Phase 2. Only
-    the current block is moved to `device` (in fp32). runtime: how it runs (default: the plain paths; the
-    harness's Runtime() is faster and adds checks, a progress bar and checkpoints with resume)."""
+    the current block is moved to `device` (in fp32). runtime: how it runs (PlainRuntime: the plain paths)."""
     rt, device = runtime or PlainRuntime(), torch.device(device)
     rt.start(model, windows, cfg, device)
     _, names = arch_of(model)
@@ -934,7 +887,7 @@ class Runtime(PlainRuntime):
         dev, G = device_of(block), len(slices)
         x = x.to(dev, non_blocking=True)
         for layer in layers.values():
-            layer.route(slices)
+            layer.slices = slices
         if slices.dense_input is None:
             return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
         x_dense = x_dense.to(dev, non_blocking=True)
