@@ -1299,7 +1299,9 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable, tol: float = 2e-2) -> 
     out, inp = lin.weight.shape
     gen = torch.Generator(lin.weight.device).manual_seed(0)  # a generator of its own: the caller's RNG is untouched
     x = torch.randn(tokens, inp, generator=gen, device=lin.weight.device, dtype=lin.weight.dtype)
-    dense = lambda n: timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))  # noqa
+
+    def dense(n: int) -> float:
+        return timer(lambda: nn.functional.linear(x[:n], lin.weight, lin.bias), ("dense", out, inp, n))
     try:
         layer, ref = Sparse24Linear(lin, tokens), nn.functional.linear(x, lin.weight, lin.bias)
         try:  # mm_search -> (alg_id, split_k, split_k_mode, max alg_id); kept only if the call then takes it
@@ -1335,14 +1337,14 @@ def speedup_in_block(model: nn.Module, keys: Sequence[str], probe: dict, x: torc
     cuSPARSELt plans every call on the host: alone that time shows, inside a forward it overlaps the GPU's work."""
     linears, prefix, times = pruned_linears(model), arch_of(model)[0], {}
     swapped = {k: Sparse24Linear(linears[k], probe["min_tokens"], probe["config"]) for k in keys}
-    block, (out, inp), t = decoder_blocks(model)[block_of(keys[0])], linears[keys[0]].weight.shape, probe["dense_seconds"]
+    block, (out, inp) = decoder_blocks(model)[block_of(keys[0])], linears[keys[0]].weight.shape
     for kind in ("block dense", "block 2:4") * 2 + ("",):  # the last round puts the dense linears back
         for k in keys:
             swap_module(model, f"{prefix}.{k}", swapped[k] if kind == "block 2:4" else linears[k])
         if kind:
             label = (kind, out, inp, x.shape[0] * x.shape[1], len(keys))
             times[kind] = min(times.get(kind, math.inf), timer(lambda: call_block(block, x, kwargs), label))
-    saved = (times["block dense"] - times["block 2:4"]) / len(keys)
+    t, saved = probe["dense_seconds"], (times["block dense"] - times["block 2:4"]) / len(keys)
     return t / max(t - saved, 1e-3 * t)
 
 
