@@ -1338,12 +1338,15 @@ def speedup_in_block(model: nn.Module, keys: Sequence[str], probe: dict, x: torc
     linears, prefix, times = pruned_linears(model), arch_of(model)[0], {}
     swapped = {k: Sparse24Linear(linears[k], probe["min_tokens"], probe["config"]) for k in keys}
     block, (out, inp) = decoder_blocks(model)[block_of(keys[0])], linears[keys[0]].weight.shape
-    for kind in ("block dense", "block 2:4") * 2 + ("",):  # the last round puts the dense linears back
-        for k in keys:
-            swap_module(model, f"{prefix}.{k}", swapped[k] if kind == "block 2:4" else linears[k])
-        if kind:
+    try:
+        for kind in ("block dense", "block 2:4") * 2:
+            for k in keys:
+                swap_module(model, f"{prefix}.{k}", swapped[k] if kind == "block 2:4" else linears[k])
             label = (kind, out, inp, x.shape[0] * x.shape[1], len(keys))
             times[kind] = min(times.get(kind, math.inf), timer(lambda: call_block(block, x, kwargs), label))
+    finally:
+        for k in keys:  # the dense linears back, whatever happened
+            swap_module(model, f"{prefix}.{k}", linears[k])
     t, saved = probe["dense_seconds"], (times["block dense"] - times["block 2:4"]) / len(keys)
     return t / max(t - saved, 1e-3 * t)
 
@@ -1364,6 +1367,7 @@ def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margi
         report.kept = dict.fromkeys(linears, missing)
         return report
     timer, by_shape, probes = timer or functools.partial(seconds_per_call, device=W.device), {}, {}
+    prefix = arch_of(model)[0]
     for key, lin in linears.items():
         if why := sparse24_refusal(lin, W.device):
             report.kept[key] = why
@@ -1387,7 +1391,7 @@ def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margi
                 report.kept[key] = probes[shape]["refused"]
                 continue
             layer = Sparse24Linear(linears[key], probes[shape]["min_tokens"], probes[shape]["config"])
-            swap_module(model, f"{arch_of(model)[0]}.{key}", layer)
+            swap_module(model, f"{prefix}.{key}", layer)
             report.swapped[key], report.min_tokens[key] = probes[shape]["speedup"], layer.min_tokens
             report.fallback_bytes += layer.weight.numel() * layer.weight.element_size()
             report.packed_bytes += layer.packed.numel() * layer.packed.element_size()
@@ -1396,11 +1400,12 @@ def sparse24(model: nn.Module, tokens: int, timer: Callable | None = None, margi
 
 def unsparse24(model: nn.Module) -> nn.Module:
     """Undo `sparse24`: every Sparse24Linear back to a plain nn.Linear holding the same weight and bias."""
+    prefix = arch_of(model)[0]
     for key, lin in pruned_linears(model).items():
         if isinstance(lin, Sparse24Linear):
             plain = nn.Linear(lin.in_features, lin.out_features, lin.bias is not None, device="meta")
             plain.weight, plain.bias = lin.weight, lin.bias
-            swap_module(model, f"{arch_of(model)[0]}.{key}", plain)
+            swap_module(model, f"{prefix}.{key}", plain)
     return model
 
 

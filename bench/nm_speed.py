@@ -16,10 +16,11 @@ ms per call from `epts.seconds_per_call`: back-to-back calls, so host and GPU ti
            tokens with batch 1 (target: not slower than dense; below the break-even sparse24 runs dense)
   real     --model DIR, a model exported at 2:4 by the command line (`--export-sparsity 2:4`): prefill of 8 x 2048
            tokens, 3 alternating rounds dense / swapped, medians (target >= 1.0x; swapping nothing is an answer where
-           nothing is faster), and greedy generate of
-           32 new tokens for 3 prompts, which must give exactly the tokens of the same model without the swap
+           nothing is faster), and greedy generate of 32 new tokens for 3 prompts, which must give exactly the
+           tokens of the same model without the swap
 
-"Not slower" and ">= 1.0x" allow 2% of timing noise (NOISE); each such part times dense twice to show its spread.
+"Not slower" and ">= 1.0x" allow 2% of timing noise (NOISE); those parts alternate dense and swapped rounds and keep
+every round's time, to show the spread.
 """
 from __future__ import annotations
 
