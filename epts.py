@@ -112,10 +112,6 @@ def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{i}.{n}": block.get_submodule(n) for i, block in enumerate(decoder_blocks(model)) for n in names}
 
 
-def weight_dtype(model: nn.Module) -> str:
-    return str(next(iter(pruned_linears(model).values())).weight.dtype)
-
-
 def block_of(key: str) -> int:
     return int(key.split(".", 1)[0])
 
@@ -247,8 +243,9 @@ class Slices:
     def __len__(self) -> int:
         return len(self.sparsity)
 
-    def __getitem__(self, g: int) -> Slices:  # slice g alone
-        return Slices(**{k: None if v is None else v[g:g + 1] for k, v in vars(self).items()})
+    def __getitem__(self, g: int | slice) -> Slices:  # slice g alone, or the slices a Python slice picks
+        g = g if isinstance(g, slice) else slice(g, g + 1)
+        return Slices(**{k: None if v is None else v[g] for k, v in vars(self).items()})
 
 
 def slices_of(sparsity: torch.Tensor, group: torch.Tensor, n_groups: int, nm: torch.Tensor | None = None) -> Slices:
@@ -518,6 +515,11 @@ class PlainRuntime:
     dense_targets = staticmethod(dense_targets_and_norms)
     weight_fn = staticmethod(elastic_weight)
     forward_groups = staticmethod(forward_groups)
+    blocks = staticmethod(blocks_on)                                   # a progress bar
+    autocast = staticmethod(lambda device: contextlib.nullcontext())   # bf16 on CUDA
+    compile_step = staticmethod(lambda step, *args: step)              # a CUDA graph
+    epoch_done = staticmethod(lambda mean, *args: mean.tolist())       # a finite check, progress
+    start = lap = block_done = staticmethod(lambda *args: None)  # checks; seconds per stage; a checkpoint per block
 
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
         """Eq. 3's loss of one step, backward; returns the per-group losses."""
@@ -525,25 +527,8 @@ class PlainRuntime:
         loss.backward()
         return per_group
 
-    def autocast(self, device: torch.device):  # bf16 on CUDA
-        return contextlib.nullcontext()
-
-    def compile_step(self, step: Callable, opt, streams, draws, batch_size) -> Callable:  # a CUDA graph
-        return step
-
     def restore(self, model, windows, cfg, state, X_dense):  # host streams, resume a checkpoint
         return 0, state, X_dense, X_dense.clone()  # block 0: both streams are the embeddings' output
-
-    def blocks(self, model: nn.Module, device: torch.device, start: int):  # a progress bar
-        return blocks_on(model, device, start)
-
-    def epoch_done(self, mean: torch.Tensor, block_index: int, epoch: int) -> list[float]:  # a finite check, progress
-        return mean.tolist()
-
-    def _no_op(self, *args) -> None:
-        pass
-
-    start = lap = block_done = _no_op  # checks before any work; seconds per stage; a checkpoint after each block
 
 
 def phase1_train(block: nn.Module, layers: dict[str, HiLoRALinear], X_mix: torch.Tensor, Y: torch.Tensor,
@@ -646,14 +631,9 @@ class BlockReport:
     loss_history: list[list[float]] = field(default_factory=list)  # per epoch, mean Phase-1 loss per group
     low_group_enabled: bool = True
     low_check: dict[str, Any] = field(default_factory=dict)        # l at s=0.3: with / without adapter
-    low_gain: float = 1.0                                          # tuned recipe: the fitted gain on B_0 A_0
+    low_gain: float = 1.0            # B_0 A_0's scale in group 0 as deploy uses it: the check's 1 / 0, or fitted
     mix_sparsities: list[float] = field(default_factory=list)      # the s_k Phase 2 drew
     seconds: dict[str, float] = field(default_factory=dict)        # wall time of each stage
-
-    @property
-    def group0_gain(self) -> float:
-        """B_0 A_0's scale in group 0 as deploy uses it: 0 where the check switched it off, else low_gain."""
-        return self.low_gain if self.low_group_enabled else 0.0
 
 
 @dataclass
@@ -667,11 +647,11 @@ class ElasticState:
     rank: int
     base_model: str = ""
     fingerprint: dict = field(default_factory=dict)
-    base_dtype: str = ""  # dtype of the base weights during optimize: masks are ranked on these values
+    base_dtype: str = ""  # harness: the base weights' dtype during optimize (masks are ranked on these values)
     group0_ramp: bool = False  # tuned recipe: B_0 A_0 scaled by s / hi_0 inside group 0
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     act_norms: dict[str, torch.Tensor] = field(default_factory=dict)
-    group0_gains: list[float] = field(default_factory=list)  # block i's BlockReport.group0_gain
+    group0_gains: list[float] = field(default_factory=list)  # block i's BlockReport.low_gain
     reports: list[BlockReport] = field(default_factory=list)
 
     @property
@@ -699,12 +679,12 @@ def optimize_block(block: nn.Module, names: Sequence[str], X_dense: torch.Tensor
         with rt.autocast(device_of(block)):  # the elastic no-grad passes in Phase 1's precision
             if cfg.low_gain == "fit":  # the tuned recipe: a fitted gain instead of the on/off check
                 report.low_gain, report.low_check = fit_low_gain(block, layers, X_dense, Y, kwargs, cfg, rt)
-                report.low_group_enabled = report.low_gain > 0
             else:
-                report.low_group_enabled, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg, rt)
+                kept, report.low_check = low_group_check(block, layers, X_dense, Y, kwargs, cfg, rt)
+                report.low_gain = float(kept)
+            report.low_group_enabled = report.low_gain > 0
             rt.lap(report, "low_check")
-            X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator,
-                                                      report.group0_gain, rt)
+            X_mix, report.mix_sparsities = phase2_mix(block, layers, X_mix, kwargs, cfg, generator, report.low_gain, rt)
         rt.lap(report, "phase2")
         adapters = {n: (l.A.detach().float().cpu(), l.B.detach().float().cpu()) for n, l in layers.items()}
     finally:
@@ -725,13 +705,13 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig, device: s
     model.eval()
     X_dense, kwargs = capture_block_inputs(model, windows, device)
     state = ElasticState(groups=[tuple(g) for g in cfg.groups], mixer=list(cfg.mixer), rank=cfg.rank,
-                         base_model=base_model, base_dtype=weight_dtype(model), group0_ramp=cfg.group0_ramp)
+                         base_model=base_model, group0_ramp=cfg.group0_ramp)
     start, state, X_dense, X_mix = rt.restore(model, windows, cfg, state, X_dense)
     for i, block in rt.blocks(model, device, start):
         adapters, norms, report, X_dense, X_mix = optimize_block(block, names, X_dense, X_mix, kwargs, cfg, i, rt)
         state.adapters.update({f"{i}.{n}": v for n, v in adapters.items()})
         state.act_norms.update({f"{i}.{n}": v for n, v in norms.items()})
-        state.group0_gains.append(report.group0_gain)
+        state.group0_gains.append(report.low_gain)
         state.reports.append(report)
         rt.block_done(state, cfg, i + 1, X_dense, X_mix, windows)
     return state
@@ -919,14 +899,6 @@ class Runtime(PlainRuntime):
         targets stay fp32, so the reference every block is fitted to is exact. A no-op on the CPU."""
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda")
 
-    def stream(self, X: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A stream on the compute device, or in pinned host memory with low_memory, moved to the device a batch
-        or chunk at a time (the same numbers, less device memory)."""
-        if not self.low_memory:
-            return X.to(device)
-        X = X.cpu()
-        return X.pin_memory() if torch.cuda.is_available() else X
-
     def start(self, model, windows, cfg, device) -> None:
         """What optimize checks before any work: the config, the window length, and the adapters' memory."""
         validate_config(cfg)
@@ -939,12 +911,15 @@ class Runtime(PlainRuntime):
         self.clock = Stopwatch(device)
 
     def restore(self, model, windows, cfg, state, X_dense):
-        state.fingerprint, device, start = fingerprint(model), X_dense.device, 0
-        X_mix = None  # block 0: both streams are the embeddings' output
+        """A --resume checkpoint's state and streams; with low_memory the streams in (pinned) host memory, moved to
+        the device a batch or chunk at a time (the same numbers, less device memory)."""
+        state.fingerprint, state.base_dtype, start, X_mix = fingerprint(model), weight_dtype(model), 0, None
+        pin, where = self.low_memory and torch.cuda.is_available(), "cpu" if self.low_memory else X_dense.device
         if self.resume and self.checkpoint and os.path.isfile(self.checkpoint):
             state, start, X_dense, X_mix = load_checkpoint(self.checkpoint, model, cfg, windows, self.base_model)
-        X_dense = self.stream(X_dense, device)
-        return start, state, X_dense, self.stream(X_dense.clone() if X_mix is None else X_mix, device)
+        X_dense = X_dense.to(where).pin_memory() if pin else X_dense.to(where)
+        X_mix = X_dense.clone() if X_mix is None else X_mix.to(where)  # block 0: both are the embeddings' output
+        return start, state, X_dense, X_mix.pin_memory() if pin else X_mix
 
     def blocks(self, model, device, start):
         n = len(decoder_blocks(model))
@@ -1131,14 +1106,9 @@ class DistributedRuntime(Runtime):
                 sums[name] += parts[:n_chunks - first]
         return Y, {name: functools.reduce(torch.add, parts).sqrt() for name, parts in sums.items()}
 
-    def owned(self, slices: Slices) -> Slices:
-        """This rank's slices r, r+W, ... (views)."""
-        r, W = process_rank(), world_size()
-        return Slices(**{k: None if v is None else v[r::W] for k, v in vars(slices).items()})
-
     def forward_groups(self, block, layers, x, kwargs, slices, x_dense=None) -> torch.Tensor:
         """This rank's slices, then all-gathered in fp32 (the method reads them as fp32)."""
-        G, W, mine = len(slices), world_size(), self.owned(slices)
+        G, W, mine = len(slices), world_size(), slices[process_rank()::world_size()]  # rank r: r, r+W, ...
         out = torch.zeros(-(-G // W), *x.shape, device=device_of(block))  # padded: all-gather needs equal parts
         if len(mine):
             out[:len(mine)] = super().forward_groups(block, layers, x, kwargs, mine, x_dense)
@@ -1148,7 +1118,7 @@ class DistributedRuntime(Runtime):
 
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
         """Eq. 3 for this rank's slices (low_memory: one at a time), then one all-reduce; returns the losses [G]."""
-        dev, mine, losses, guide = device_of(block), self.owned(slices), [], None
+        dev, mine, losses, guide = device_of(block), slices[process_rank()::world_size()], [], None
         for part in [mine[j] for j in range(len(mine))] if self.low_memory else [mine]:
             with self.autocast(dev):
                 out = Runtime.forward_groups(self, block, layers, x, kwargs, part, x_dense)
@@ -1628,6 +1598,10 @@ def fingerprint(model: nn.Module) -> dict:
     return {"shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16], "probe": probe}
 
 
+def weight_dtype(model: nn.Module) -> str:
+    return str(next(iter(pruned_linears(model).values())).weight.dtype)
+
+
 def check_fingerprint(state: ElasticState, model: nn.Module, model_name: str) -> None:
     fp, saved = fingerprint(model), state.fingerprint
     same_probe = len(fp["probe"]) == len(saved.get("probe", [])) and all(
@@ -1657,7 +1631,7 @@ def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
                          base_model=header["base_model"], fingerprint=header["fingerprint"],
                          base_dtype=header.get("base_dtype", ""), group0_ramp=header.get("group0_ramp", False),
                          reports=[BlockReport(**r) for r in header["reports"]])
-    state.group0_gains = header.get("group0_gains", [r.group0_gain for r in state.reports])
+    state.group0_gains = header.get("group0_gains", [r.low_gain * r.low_group_enabled for r in state.reports])
     for name in tensors:
         if name.endswith(".act_norm"):
             key = name[: -len(".act_norm")]
