@@ -1992,9 +1992,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, help=f"LoRA rank of every adapter pair (B_k, A_k) (default: {d.rank}; "
                    f"{RECIPES['tuned']['rank']} with --recipe tuned)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per Phase-1 step")
-    p.add_argument("--sparsities", type=fraction_arg, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
-                   help="sparsities to deploy and evaluate")
-    p.add_argument("--pattern", default="unstructured", type=pattern_arg,
+    p.add_argument("--sparsities", type=functools.partial(sparsity_arg, kinds="a number such as 0.5"), nargs="+",
+                   default=[0.3, 0.4, 0.5, 0.6, 0.7], help="sparsities to deploy and evaluate")
+    p.add_argument("--pattern", default="unstructured",
+                   type=lambda t: t if t == "unstructured" else sparsity_arg(t, "unstructured or N:M"),
                    help="unstructured, or N:M (e.g. 2:4, 4:8: N of every M consecutive inputs pruned, what GPU "
                         "sparse tensor cores run); N:M evaluates that pattern instead of --sparsities")
     p.add_argument("--sparse24", action="store_true", help="with --pattern 2:4, on CUDA: evaluate the 2:4 row with the "
@@ -2009,7 +2010,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the model's dtype (auto: fp32 on CPU, the checkpoint's on GPU); blocks optimize in fp32")
     add_runtime_args(p)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and of every draw")
-    p.add_argument("--nm-train", type=nm_arg, metavar="N:M",
+    p.add_argument("--nm-train", type=functools.partial(sparsity_arg, kinds="N:M"), metavar="N:M",
                    help="not in the paper: train the group holding N/M also on N:M masks (one more Phase-1 slice, "
                         "~1/7 more time), for deployment at N:M")
     p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in d.groups], metavar="HI",
@@ -2025,39 +2026,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sparsity_arg(text: str) -> float | str:
-    """A command-line sparsity: a number, or an N:M pattern kept as text ("2:4")."""
-    if ":" in text:
-        try:
-            pattern(text)
-        except EPTSError as e:
-            raise argparse.ArgumentTypeError(str(e)) from e
-        return text
+def sparsity_arg(text: str, kinds: str = "a number or N:M") -> float | str:
+    """A command-line sparsity of the `kinds` its flag takes: a number, or an N:M pattern kept as text ("2:4")."""
     try:
-        return float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"invalid sparsity '{text}': a number or N:M") from e
-
-
-def fraction_arg(text: str) -> float:
-    """--sparsities: a number; an N:M pattern gets a hint to use --pattern."""
-    if ":" in text:
-        raise argparse.ArgumentTypeError(f"'{text}' is an N:M pattern: use --pattern {text} (--sparsities takes "
-                                         "fractions such as 0.5)")
-    try:
-        return float(text)
+        value = text if ":" in text and pattern(text) else float(text)
+    except EPTSError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
-
-
-def nm_arg(text: str) -> str:
-    if not isinstance(sparsity_arg(text), str):
-        raise argparse.ArgumentTypeError(f"expected N:M (e.g. 2:4), got '{text}'")
-    return text
-
-
-def pattern_arg(text: str) -> str:
-    return text if text == "unstructured" else nm_arg(text)
+        raise argparse.ArgumentTypeError(f"invalid sparsity '{text}': expected {kinds}") from None
+    if isinstance(value, str) and "N:M" not in kinds:
+        raise argparse.ArgumentTypeError(f"'{text}' is an N:M pattern: use --pattern {text} (this flag takes {kinds})")
+    if not isinstance(value, str) and "number" not in kinds:
+        raise argparse.ArgumentTypeError(f"expected {kinds} (e.g. 2:4), got '{text}'")
+    return value
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EPTSConfig, Runtime]:

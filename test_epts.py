@@ -1150,7 +1150,11 @@ def test_cli_owl_schedule_and_schedule_file(tiny_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------- hardening
 
 @pytest.mark.parametrize("extra, message", [
-    (["--sparsities", "abc"], "invalid float value"),
+    (["--sparsities", "abc"], "invalid sparsity 'abc': expected a number such as 0.5"),
+    (["--sparsities", "3:2"], "0 < N < M"),
+    (["--pattern", "0.5"], "expected unstructured or N:M"),
+    (["--nm-train", "0.5"], "expected N:M"),
+    (["--export-sparsity", "x"], "invalid sparsity 'x': expected a number or N:M"),
     (["--groups", "0.4", "0.3", "0.7", "--mixer", "0.3", "0.3", "0.4"], "contiguous and increasing"),
     (["--groups", "0.4", "0.7"], "mixer has 7 weights but there are 2 groups"),
     (["--mixer", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5", "0.5"], "sum to 1"),
