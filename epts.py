@@ -1620,18 +1620,17 @@ def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> d
 
 
 def _state_header(state: ElasticState) -> dict:
-    return {"format": "epts", "version": FORMAT_VERSION, "groups": state.groups, "mixer": state.mixer,
-            "rank": state.rank, "base_model": state.base_model, "fingerprint": state.fingerprint,
-            "base_dtype": state.base_dtype, "group0_ramp": state.group0_ramp, "group0_gains": state.group0_gains,
-            "reports": [asdict(r) for r in state.reports]}
+    """Every ElasticState field but the tensors, as JSON: what `_state_from` reads back."""
+    fields = {k: v for k, v in vars(state).items() if k not in ("adapters", "act_norms", "reports")}
+    return {"format": "epts", "version": FORMAT_VERSION, **fields, "reports": [asdict(r) for r in state.reports]}
 
 
 def _state_from(tensors: dict[str, torch.Tensor], header: dict) -> ElasticState:
-    state = ElasticState(groups=[tuple(g) for g in header["groups"]], mixer=header["mixer"], rank=header["rank"],
-                         base_model=header["base_model"], fingerprint=header["fingerprint"],
-                         base_dtype=header.get("base_dtype", ""), group0_ramp=header.get("group0_ramp", False),
+    fields = {k: header[k] for k in ElasticState.__dataclass_fields__ if k in header and k != "reports"}
+    state = ElasticState(**{**fields, "groups": [tuple(g) for g in header["groups"]]},
                          reports=[BlockReport(**r) for r in header["reports"]])
-    state.group0_gains = header.get("group0_gains", [r.low_gain * r.low_group_enabled for r in state.reports])
+    if "group0_gains" not in header:  # written before the gains were stored: deploy's gain, from the reports
+        state.group0_gains = [r.low_gain * r.low_group_enabled for r in state.reports]
     for name in tensors:
         if name.endswith(".act_norm"):
             key = name[: -len(".act_norm")]
