@@ -2204,7 +2204,10 @@ def checkpoint_path(args: argparse.Namespace, model_dir: str | None = None) -> s
 def load_artifact(args: argparse.Namespace, model: nn.Module) -> ElasticState:
     """--load: the elastic state, checked against the model (weights and, with a warning, their dtype)."""
     state = load_elastic(args.load)
-    check_fingerprint(state, model, args.model)
+    if state.fingerprint:
+        check_fingerprint(state, model, args.model)
+    else:  # optimized by the plain paths (no Runtime), which record neither fingerprint nor dtype
+        warn(f"the elastic state records no fingerprint of its base model: '{args.model}' cannot be checked to be it")
     if state.base_dtype and state.base_dtype != weight_dtype(model):
         warn(f"the elastic state was optimized on {state.base_dtype} weights, this model holds "
              f"{weight_dtype(model)}: a few mask positions may differ; load with --dtype "
