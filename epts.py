@@ -2028,7 +2028,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def sparsity_arg(text: str, kinds: str = "a number or N:M") -> float | str:
     """A command-line sparsity of the `kinds` its flag takes: a number, or an N:M pattern kept as text ("2:4")."""
     try:
-        value = text if ":" in text and pattern(text) else float(text)
+        value = text if ":" in text else float(text)
+        pattern(value)  # an N:M pattern: 0 < N < M
     except EPTSError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     except ValueError:
@@ -2207,7 +2208,7 @@ def load_artifact(args: argparse.Namespace, model: nn.Module) -> ElasticState:
     if state.fingerprint:
         check_fingerprint(state, model, args.model)
     else:  # optimized by the plain paths (no Runtime), which record neither fingerprint nor dtype
-        warn(f"the elastic state records no fingerprint of its base model: '{args.model}' cannot be checked to be it")
+        warn(f"the elastic state records no fingerprint of its base model: not checked against '{args.model}'")
     if state.base_dtype and state.base_dtype != weight_dtype(model):
         warn(f"the elastic state was optimized on {state.base_dtype} weights, this model holds "
              f"{weight_dtype(model)}: a few mask positions may differ; load with --dtype "
