@@ -918,8 +918,8 @@ class Runtime(PlainRuntime):
         if self.resume and self.checkpoint and os.path.isfile(self.checkpoint):
             state, start, X_dense, X_mix = load_checkpoint(self.checkpoint, model, cfg, windows, self.base_model)
         X_dense = X_dense.to(where).pin_memory() if pin else X_dense.to(where)
-        X_mix = X_dense.clone() if X_mix is None else X_mix.to(where)  # block 0: both are the embeddings' output
-        return start, state, X_dense, X_mix.pin_memory() if pin else X_mix
+        X_mix = empty_stream_like(X_dense).copy_(X_dense if X_mix is None else X_mix)  # block 0: X_mix = X_dense
+        return start, state, X_dense, X_mix
 
     def blocks(self, model, device, start):
         n = len(decoder_blocks(model))
