@@ -864,14 +864,11 @@ class Runtime(PlainRuntime):
         Attention, norms and activations act per sample, so this equals the plain loop."""
         if self.reference_loop:
             return forward_groups(block, layers, x, kwargs, slices, x_dense)
-        dev, G = device_of(block), len(slices)
-        x = x.to(dev, non_blocking=True)
+        x, G = x.to(device_of(block), non_blocking=True), len(slices)
         for layer in layers.values():
             layer.slices = slices
-        if slices.dense_input is None:
-            return call_block(block, x.repeat(G, *([1] * (x.dim() - 1))), kwargs).view(G, *x.shape)
-        x_dense = x_dense.to(dev, non_blocking=True)
-        return call_block(block, torch.cat([x_dense if d else x for d in slices.dense_input]), kwargs).view(G, *x.shape)
+        inputs = [x_dense.to(x.device, non_blocking=True) if d else x for d in slices.dense_input or (False,) * G]
+        return call_block(block, torch.cat(inputs), kwargs).view(G, *x.shape)
 
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
         """bf16 autocast on CUDA (amp); with low_memory the same gradient one group at a time (backward_by_group)."""
@@ -1079,42 +1076,35 @@ class DistributedRuntime(Runtime):
     """Runtime under torchrun: rank r runs the slices r, r+W, r+2W, ... of every block call, with the same math.
     Phase 1: rank 0 broadcasts sg(O_0), each rank backprops its slices' losses of Eq. 3, and one all-reduce sums
     the adapters' gradients (one process's gradient, summed in another order) and the losses. The no-grad passes
-    all-gather the outputs: every rank ends each block with the same streams. The dense targets deal out their
+    all-reduce the outputs: every rank ends each block with the same streams. The dense targets deal out their
     chunks of samples. Eager steps: no CUDA graph (collectives inside one are untested here)."""
 
     def dense_targets(self, block, names, X, kwargs, chunk):
-        """The chunks of `chunk` samples dealt round-robin: in round j rank q runs chunk j W + q, and every rank
-        all-gathers its outputs and sums of squares. The sums are added in chunk order, as one process adds them:
-        the same Y and Wanda norms, bit for bit. Streams in host memory (low_memory on CUDA: no NCCL there):
-        every rank computes them all."""
+        """Chunk c of `chunk` samples runs on rank c mod W, the others' rows stay zero; one all-reduce per tensor
+        adds them in (+ 0 is exact), and each linear's per-chunk sums of squares are added in chunk order, as one
+        process adds them: the same Y and Wanda norms, bit for bit. Streams in host memory (low_memory on CUDA: no
+        NCCL there): every rank computes them all."""
         if X.device != device_of(block):
             return super().dense_targets(block, names, X, kwargs, chunk)
-        W, n_chunks, Y = world_size(), -(-len(X) // chunk), empty_stream_like(X)
-        sums = {name: [] for name in names}
-        for first in range(0, n_chunks, W):  # one round: chunks first .. first + W - 1
-            c = first + process_rank()
-            y, sq = block_outputs_and_stats(block, names, X[c * chunk:(c + 1) * chunk], kwargs, chunk)
-            outs = [X.new_zeros(chunk, *X.shape[1:]) for _ in range(W)]
-            torch.distributed.all_gather(outs, torch.cat([y, y.new_zeros(chunk - len(y), *X.shape[1:])]))
-            for q in range(min(W, n_chunks - first)):
-                rows = slice((first + q) * chunk, (first + q + 1) * chunk)
-                Y[rows] = outs[q][:len(Y[rows])]
-            for name in names:  # a rank past the last chunk sends zeros: its sum of nothing
-                mine = sq[name] if torch.is_tensor(sq[name]) else X.new_zeros(block.get_submodule(name).in_features)
-                parts = [torch.empty_like(mine) for _ in range(W)]
-                torch.distributed.all_gather(parts, mine)
-                sums[name] += parts[:n_chunks - first]
-        return Y, {name: functools.reduce(torch.add, parts).sqrt() for name, parts in sums.items()}
+        rows, Y = in_chunks(X, chunk), torch.zeros_like(X)
+        sq = {n: X.new_zeros(len(rows), block.get_submodule(n).in_features) for n in names}  # [chunk, in]
+        for c in range(process_rank(), len(rows), world_size()):
+            Y[rows[c]], sums = block_outputs_and_stats(block, names, X[rows[c]], kwargs, chunk)
+            for n in names:
+                sq[n][c] = sums[n]
+        for t in (Y, *sq.values()):
+            torch.distributed.all_reduce(t)
+        return Y, {n: functools.reduce(torch.add, s.unbind()).sqrt() for n, s in sq.items()}
 
     def forward_groups(self, block, layers, x, kwargs, slices, x_dense=None) -> torch.Tensor:
-        """This rank's slices, then all-gathered in fp32 (the method reads them as fp32)."""
-        G, W, mine = len(slices), world_size(), slices[process_rank()::world_size()]  # rank r: r, r+W, ...
-        out = torch.zeros(-(-G // W), *x.shape, device=device_of(block))  # padded: all-gather needs equal parts
-        if len(mine):
-            out[:len(mine)] = super().forward_groups(block, layers, x, kwargs, mine, x_dense)
-        parts = [torch.empty_like(out) for _ in range(W)]
-        torch.distributed.all_gather(parts, out)
-        return torch.stack(parts, 1).flatten(0, 1)[:G]  # rank q's j-th slice is slice q + jW
+        """This rank's slices r, r+W, ..., the others' zero until one all-reduce adds them in (fp32, as the method
+        reads them)."""
+        mine = slice(process_rank(), None, world_size())
+        out = torch.zeros(len(slices), *x.shape, device=device_of(block))
+        if len(slices[mine]):
+            out[mine] = super().forward_groups(block, layers, x, kwargs, slices[mine], x_dense)
+        torch.distributed.all_reduce(out)
+        return out
 
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
         """Eq. 3 for this rank's slices (low_memory: one at a time), then one all-reduce; returns the losses [G]."""
@@ -1553,12 +1543,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | Sequence[float], d
         single = optimize(model, windows, dedicated_config(cfg, sparsity), device, base_model,
                           replace(runtime or Runtime(), verbose=verbose))
         return deploy(model, single, sparsity, dense, device)
-    if method == "wanda":  # Wanda (Sun et al., 2023), sequential as in its paper
-        return prune_sequential(model, windows, sparsity, wanda_prune, sum_of_squares, device, desc="Wanda",
-                                verbose=verbose)
-    if method == "sparsegpt":  # SparseGPT (Frantar & Alistarh, 2023), sequential as in its paper
-        return prune_sequential(model, windows, sparsity, sparsegpt_prune, gram, device, desc="SparseGPT",
-                                verbose=verbose)
+    if method in ("wanda", "sparsegpt"):  # Sun et al. 2023; Frantar & Alistarh 2023: sequential, as in the papers
+        prune, stat = (wanda_prune, sum_of_squares) if method == "wanda" else (sparsegpt_prune, gram)
+        return prune_sequential(model, windows, sparsity, prune, stat, device, desc=method, verbose=verbose)
     if method == "magnitude":
         return prune_magnitude(model, sparsity)
     raise EPTSError(f"unknown method '{method}'; one of {', '.join(METHODS)}")
@@ -1852,11 +1839,9 @@ def pick_device(name: str) -> torch.device:
         warnings.warn("no GPU found: running on the CPU (slow for real models)")
         return torch.device("cpu")
     head, _, index = name.partition(":")
-    if name == "cpu":
-        return torch.device("cpu")
-    if head != "cuda" or (index and not index.isdigit()):
+    if name != "cpu" and (head != "cuda" or (index and not index.isdigit())):
         raise EPTSError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
-    if not torch.cuda.is_available():
+    if head == "cuda" and not torch.cuda.is_available():
         raise EPTSError(f"--device {name} was asked for, but torch sees no CUDA GPU; use --device cpu")
     if index and int(index) >= torch.cuda.device_count():
         raise EPTSError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
@@ -1903,10 +1888,8 @@ def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: b
     from transformers.utils import logging as hf_logging
     if not verbose:
         hf_logging.disable_progress_bar()
-    if dtype == "auto":  # fp32 on the CPU; the checkpoint's own dtype (usually fp16/bf16) on a GPU
-        torch_dtype = torch.float32 if device.type == "cpu" else "auto"
-    else:
-        torch_dtype = getattr(torch, dtype)
+    # auto: fp32 on the CPU; the checkpoint's own dtype (usually fp16/bf16) on a GPU
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else torch.float32 if device.type == "cpu" else "auto"
     if name.endswith(".gguf"):
         model, tokenizer = load_gguf(name, trust_remote_code)
         model.to(torch.float32 if torch_dtype == "auto" else torch_dtype)  # "auto": GGUF de-quantizes to fp32
