@@ -871,13 +871,25 @@ class Runtime(PlainRuntime):
         return call_block(block, torch.cat(inputs), kwargs).view(G, *x.shape)
 
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
-        """bf16 autocast on CUDA (amp); with low_memory the same gradient one group at a time (backward_by_group)."""
-        with self.autocast(device_of(block)):
-            if self.low_memory:
-                return backward_by_group(self, block, layers, x, y, kwargs, slices, x_dense)
-            loss, per_group = phase1_objective(self.forward_groups(block, layers, x, kwargs, slices, x_dense), y)
-        loss.backward()  # outside autocast, as torch recommends: the backward runs in the forward's dtypes
-        return per_group
+        """Eq. 3 under bf16 autocast on CUDA (amp). Memory: with low_memory the same gradient one group at a time,
+        O_0 first and each other group guided by sg(O_0) (the detached guide's L_0 passes no gradient): one group's
+        activations and masked weights in memory instead of K. Returns the per-group losses of `self.share`."""
+        (mine, has_0), losses, guide = self.share(slices), [], None
+        for part in [mine[g] for g in range(len(mine))] if self.low_memory else [mine]:
+            with self.autocast(device_of(block)):
+                out = Runtime.forward_groups(self, block, layers, x, kwargs, part, x_dense)  # this process's slices
+                guide = self.guide(out[:1]) if guide is None else guide
+                lead = has_0 and not losses  # the part that starts with slice 0: O_0 is its own guide
+                loss, per_group = phase1_objective(out if lead else torch.cat([guide, out]), y)
+            loss.backward()  # outside autocast, as torch recommends: the backward runs in the forward's dtypes
+            losses.append(per_group if lead else per_group[1:])
+        return torch.cat(losses)
+
+    def share(self, slices: Slices) -> tuple[Slices, bool]:  # the slices this process runs; whether slice 0 is one
+        return slices, True
+
+    def guide(self, O_0: torch.Tensor) -> torch.Tensor:  # sg(O_0)
+        return O_0.detach()
 
     def weight_fn(self, weight, ranks, A, B, sparsity, chain, frozen=None) -> torch.Tensor:
         """elastic_weight with its masked merge fused in Phase 1 on the GPU (fused_merge)."""
@@ -946,23 +958,6 @@ class Runtime(PlainRuntime):
         state.reports[-1].seconds["total"] = sum(state.reports[-1].seconds.values())
         if self.checkpoint:
             save_checkpoint(self.checkpoint, state, cfg, next_block, X_dense, X_mix, windows)
-
-
-def backward_by_group(rt: Runtime, block: nn.Module, layers: dict, x: torch.Tensor, y: torch.Tensor, kwargs: dict,
-                      slices: Slices, x_dense: torch.Tensor | None) -> torch.Tensor:
-    """Memory: the gradient of Eq. 3 accumulated one group at a time -- the same sum as phase1_objective over
-    all groups (O_0 is computed first and guides the others detached), with one group's activations and masked
-    weights in memory instead of K. Returns the per-group losses."""
-    O_0 = rt.forward_groups(block, layers, x, kwargs, slices[0], x_dense)
-    loss, per_group = phase1_objective(O_0, y)
-    loss.backward()
-    losses, guide = [per_group[0]], O_0.detach()
-    for g in range(1, len(slices)):
-        O_g = rt.forward_groups(block, layers, x, kwargs, slices[g], x_dense)
-        loss, per_group = phase1_objective(torch.cat([guide, O_g]), y)  # L_0 of the detached guide: no grad
-        loss.backward()
-        losses.append(per_group[1])
-    return torch.stack(losses)
 
 
 def plain_merge(weight: torch.Tensor, delta: torch.Tensor, ranks: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -1106,23 +1101,22 @@ class DistributedRuntime(Runtime):
         torch.distributed.all_reduce(out)
         return out
 
+    def share(self, slices: Slices) -> tuple[Slices, bool]:
+        return slices[process_rank()::world_size()], process_rank() == 0  # rank r: slices r, r+W, ...
+
+    def guide(self, O_0: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sg(O_0), broadcast: slice 0 is rank 0's first."""
+        guide = O_0.detach().clone() if process_rank() == 0 else torch.empty_like(O_0)
+        torch.distributed.broadcast(guide, 0)
+        return guide
+
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
-        """Eq. 3 for this rank's slices (low_memory: one at a time), then one all-reduce; returns the losses [G]."""
-        dev, mine, losses, guide = device_of(block), slices[process_rank()::world_size()], [], None
-        for part in [mine[j] for j in range(len(mine))] if self.low_memory else [mine]:
-            with self.autocast(dev):
-                out = Runtime.forward_groups(self, block, layers, x, kwargs, part, x_dense)
-                if guide is None:  # slice 0 is rank 0's first: sg(O_0) for every rank
-                    guide = out[:1].detach().clone() if process_rank() == 0 else torch.empty_like(out[:1])
-                    torch.distributed.broadcast(guide, 0)
-                lead = process_rank() == 0 and not losses
-                loss, per_group = phase1_objective(out if lead else torch.cat([guide, out]), y)
-            loss.backward()
-            losses.append(per_group if lead else per_group[1:])
+        """Eq. 3 for this rank's slices (Runtime's), then one all-reduce of the gradients and losses -> losses [G]."""
+        mine = super().phase1_backward(block, layers, x, y, kwargs, slices, x_dense)
         params = [p for layer in layers.values() for p in (layer.A, layer.B)]
         flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]
-                         + [torch.zeros(len(slices), device=dev)])
-        flat[len(flat) - len(slices) + process_rank()::world_size()] = torch.cat(losses)
+                         + [torch.zeros(len(slices), device=mine.device)])
+        flat[len(flat) - len(slices) + process_rank()::world_size()] = mine
         torch.distributed.all_reduce(flat)
         *grads, per_group = flat.split([p.numel() for p in params] + [len(slices)])
         for p, g in zip(params, grads):
@@ -1275,14 +1269,10 @@ def probe24(lin: nn.Linear, tokens: int, timer: Callable, tol: float = 2e-2) -> 
         return dict(refused=f"cuSPARSELt refused {out}x{inp}: {str(e).strip().splitlines()[0][:80]}")
     if not err <= tol:
         return dict(refused=f"wrong results from cuSPARSELt (rel. error {err:.1e})")
-    smallest, n = tokens, tokens // 2
-    while n >= 16:
-        try:
-            if timer(lambda: layer.sparse_mm(x[:n]), ("2:4", out, inp, n)) >= dense(n):
-                break
-        except RuntimeError:  # refused at this size: the break-even lies above
-            break
-        smallest, n = n, n // 2
+    smallest = tokens
+    with contextlib.suppress(RuntimeError):  # refused at a size: the break-even lies above it
+        while (n := smallest // 2) >= 16 and timer(lambda: layer.sparse_mm(x[:n]), ("2:4", out, inp, n)) < dense(n):
+            smallest = n
     return dict(dense_seconds=dense(tokens), min_tokens=smallest, config=layer.config)
 
 
@@ -2120,22 +2110,17 @@ def check_outputs(args: argparse.Namespace) -> str | None:
             raise EPTSError(f"{flag} '{path}' exists{' as a folder' if os.path.isdir(path) else ''}; "
                             "choose a new file name" + ("" if os.path.isdir(path) else " or pass --overwrite"))
         writable_folder(os.path.dirname(os.path.abspath(path)), flag)
-    if args.export_dir or args.export_sparsity is not None:
-        check_export_dir(args, model_dir)
-    return checkpoint_path(args, model_dir)
-
-
-def check_export_dir(args: argparse.Namespace, model_dir: str | None) -> None:
-    """--export-dir: a new or empty folder (non-empty with --overwrite), never the model's own folder."""
     path = args.export_dir
-    if not path or args.export_sparsity is None:
+    if bool(path) != (args.export_sparsity is not None):
         raise EPTSError("--export-sparsity and --export-dir go together")
-    if model_dir and (inside(path, model_dir) or inside(model_dir, path)):
-        raise EPTSError(f"--export-dir '{path}' would overwrite the model folder '{args.model}'")
-    if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
-        raise EPTSError(f"--export-dir '{path}' is not empty; choose a new folder or pass --overwrite")
-    earlier_export(path)
-    writable_folder(path, "--export-dir")
+    if path:  # a new or empty folder (non-empty with --overwrite), never the model's own folder
+        if model_dir and (inside(path, model_dir) or inside(model_dir, path)):
+            raise EPTSError(f"--export-dir '{path}' would overwrite the model folder '{args.model}'")
+        if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
+            raise EPTSError(f"--export-dir '{path}' is not empty; choose a new folder or pass --overwrite")
+        earlier_export(path)
+        writable_folder(path, "--export-dir")
+    return checkpoint_path(args, model_dir)
 
 
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
