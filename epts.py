@@ -772,8 +772,19 @@ from tqdm.auto import tqdm  # noqa: E402 - progress bars are the harness's
 # 9. Checks, speed and plumbing: validation, runtime options, the CUDA-graph step, one block at a time ---------
 
 def validate_config(cfg: EPTSConfig) -> None:
-    """Reject hyper-parameters the method cannot run with, in one line each."""
-    validate_groups(cfg.groups)
+    """Reject hyper-parameters the method cannot run with, in one line each. The groups tile (0, hi_last] without
+    gaps or overlaps: 0 = lo_0 < hi_0 = lo_1 < hi_1 = ... <= 1."""
+    groups = cfg.groups
+    if not groups:
+        raise EPTSError("at least one sparsity group is needed")
+    if groups[0][0] != 0:
+        raise EPTSError(f"the first group must start at 0, got {groups[0]}")
+    for k, (lo, hi) in enumerate(groups):
+        if not lo < hi <= 1:
+            raise EPTSError(f"group {k} = ({lo}, {hi}] is empty or above 1: groups must be contiguous and increasing")
+        if k and lo != groups[k - 1][1]:
+            raise EPTSError(f"groups must be contiguous and increasing: group {k - 1} ends at "
+                            f"{groups[k - 1][1]} but group {k} starts at {lo}")
     if len(cfg.mixer) != len(cfg.groups):
         raise EPTSError(f"mixer has {len(cfg.mixer)} weights but there are {len(cfg.groups)} groups")
     if not all(math.isfinite(w) and w >= 0 for w in cfg.mixer) or abs(sum(cfg.mixer) - 1.0) > 1e-6:
@@ -820,20 +831,6 @@ def free_memory(device: torch.device) -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def validate_groups(groups: Sequence[tuple[float, float]]) -> None:
-    """Groups tile (0, hi_last] without gaps or overlaps: 0 = lo_0 < hi_0 = lo_1 < hi_1 = ... <= 1."""
-    if not groups:
-        raise EPTSError("at least one sparsity group is needed")
-    if groups[0][0] != 0:
-        raise EPTSError(f"the first group must start at 0, got {groups[0]}")
-    for k, (lo, hi) in enumerate(groups):
-        if not lo < hi <= 1:
-            raise EPTSError(f"group {k} = ({lo}, {hi}] is empty or above 1: groups must be contiguous and increasing")
-        if k and lo != groups[k - 1][1]:
-            raise EPTSError(f"groups must be contiguous and increasing: group {k - 1} ends at "
-                            f"{groups[k - 1][1]} but group {k} starts at {lo}")
 
 
 def measured_sparsity(model: nn.Module) -> float:
@@ -931,8 +928,7 @@ class Runtime(PlainRuntime):
         return start, state, X_dense, X_mix
 
     def blocks(self, model, device, start):
-        n = len(decoder_blocks(model))
-        with tqdm(total=self.steps * n, initial=self.steps * start, desc="EPTS", unit="step",
+        with tqdm(total=self.steps * len(decoder_blocks(model)), initial=self.steps * start, desc="EPTS", unit="step",
                   disable=not self.verbose) as self.progress:
             for i, block in blocks_on(model, device, start):
                 self.clock.lap()
@@ -998,8 +994,7 @@ def maybe_cuda_graph(step: Callable, opt: torch.optim.Optimizer, runtime: Runtim
         return step
     batch, s = [S[:batch_size].to(draws.device, copy=True) for S in streams], draws[0].clone()
     lr = torch.zeros((), device=draws.device)
-    for group in opt.param_groups:
-        group["capturable"] = True
+    opt.param_groups[0]["capturable"] = True  # phase1_train's Adam has one parameter group
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -1589,11 +1584,8 @@ def check_fingerprint(state: ElasticState, model: nn.Module, model_name: str) ->
 
 
 def _state_tensors(state: ElasticState, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for key, (A, B) in state.adapters.items():
-        tensors[f"{key}.A"], tensors[f"{key}.B"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-    tensors.update({f"{key}.act_norm": v.float().contiguous() for key, v in state.act_norms.items()})
-    return tensors
+    tensors = {f"{key}.{n}": t.to(dtype).contiguous() for key, AB in state.adapters.items() for n, t in zip("AB", AB)}
+    return {**tensors, **{f"{key}.act_norm": v.float().contiguous() for key, v in state.act_norms.items()}}
 
 
 def _state_header(state: ElasticState) -> dict:
@@ -2157,7 +2149,7 @@ def checkpoint_path(args: argparse.Namespace, model_dir: str | None = None) -> s
     path = checkpoint_file(args)
     if path is None:
         if args.resume:
-            raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives), with --method epts")
+            raise EPTSError("--resume needs --save or --checkpoint-dir (where the checkpoint lives) and --method epts")
         return None
     if model_dir and inside(path, model_dir):
         raise EPTSError(f"the checkpoint '{path}' would lie inside the model folder '{args.model}'")
