@@ -870,7 +870,7 @@ class Runtime(PlainRuntime):
     def phase1_backward(self, block, layers, x, y, kwargs, slices, x_dense=None) -> torch.Tensor:
         """Eq. 3 under bf16 autocast on CUDA (amp). Memory: with low_memory the same gradient one group at a time,
         O_0 first and each other group guided by sg(O_0) (the detached guide's L_0 passes no gradient): one group's
-        activations and masked weights in memory instead of K. Returns the per-group losses of `self.share`."""
+        activations and masked weights in memory instead of K. Returns the losses of this process's slices (`share`)."""
         (mine, has_0), losses, guide = self.share(slices), [], None
         for part in [mine[g] for g in range(len(mine))] if self.low_memory else [mine]:
             with self.autocast(device_of(block)):
@@ -1077,7 +1077,7 @@ class DistributedRuntime(Runtime):
         if X.device != device_of(block):
             return super().dense_targets(block, names, X, kwargs, chunk)
         rows, Y = in_chunks(X, chunk), torch.zeros_like(X)
-        sq = {n: X.new_zeros(len(rows), block.get_submodule(n).in_features) for n in names}  # [chunk, in]
+        sq = {n: X.new_zeros(len(rows), block.get_submodule(n).in_features) for n in names}  # a row per chunk
         for c in range(process_rank(), len(rows), world_size()):
             Y[rows[c]], sums = block_outputs_and_stats(block, names, X[rows[c]], kwargs, chunk)
             for n in names:
