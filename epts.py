@@ -116,13 +116,10 @@ def block_of(key: str) -> int:
     return int(key.split(".", 1)[0])
 
 
-def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at the dotted path `name` inside `root`; returns the module that was there."""
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at the dotted path `name` inside `root` (get_submodule("") is root itself)."""
     parent, _, child = name.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    old = getattr(owner, child)
-    setattr(owner, child, new)
-    return old
+    setattr(root.get_submodule(parent), child, new)
 
 
 # 2. Masks (Eq. 1): Wanda score, ranked once per row, so the masks at all sparsities are nested ----------------
@@ -1118,8 +1115,7 @@ class DistributedRuntime(Runtime):
             p.grad = g.view_as(p)
         return per_group
 
-    def compile_step(self, step, opt, streams, draws, batch_size) -> Callable:
-        return step
+    compile_step = staticmethod(lambda step, *args: step)  # eager steps, PlainRuntime's
 
     def blocks(self, model, device, start):
         """A finished block gets back the very tensors it was loaded as (blocks_on would copy it): on GPUs, mmap'd
@@ -1369,12 +1365,9 @@ def prune_magnitude(model: nn.Module, sparsity: float | Sequence[float]) -> nn.M
     per_block = per_block_sparsities(sparsity, len(decoder_blocks(model)))
     for key, lin in pruned_linears(model).items():
         W, (s, m) = lin.weight, pattern(per_block[block_of(key)])
-        scores = W.detach().abs().float()
-        if m is None:  # one ranking over the whole matrix
-            keep = mask_from_ranks(row_ranks(scores.view(1, -1)), s).view_as(W)
-        else:  # N:M: the N smallest |W| of every M consecutive inputs of a row
-            keep = mask_from_ranks(nm_ranks(scores, m), s)
-        W.mul_(keep.to(W.dtype))
+        scores = W.detach().abs().float()  # one ranking over the whole matrix; N:M: the N smallest of every M
+        ranks = row_ranks(scores.view(1, -1)) if m is None else nm_ranks(scores, m)  # consecutive inputs of a row
+        W.mul_(mask_from_ranks(ranks, s).view_as(W).to(W.dtype))
     return model
 
 
@@ -1702,12 +1695,8 @@ def load_checkpoint(path: str, model: nn.Module, cfg: EPTSConfig, windows: torch
 # 13. Data and evaluation --------------------------------------------------------------------------------------
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Tokenize a whole corpus once (the length warning of the tokenizer does not apply to corpora)."""
-    saved, tokenizer.model_max_length = tokenizer.model_max_length, int(1e12)
-    try:
-        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    finally:
-        tokenizer.model_max_length = saved
+    """Tokenize a whole corpus once (verbose=False: the tokenizer's length warning does not apply to corpora)."""
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def _hub_dataset(*args, **kwargs):
@@ -1763,9 +1752,7 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     if source == "wikitext2":
         ids = _tokenize(tokenizer, " ".join(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1",
                                                          split="train")["text"]))
-        rng = random.Random(seed)
-        return torch.stack([ids[i:i + seqlen] for i in
-                            [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]])
+        return random_windows(ids[:-1], nsamples, seqlen, seed, source)  # ids[:-1]: starts in [0, n - seqlen - 1]
     return random_windows(_tokenize(tokenizer, _read_text(source)), nsamples, seqlen, seed, source)
 
 

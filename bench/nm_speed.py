@@ -151,7 +151,8 @@ def documented_swap(model: nn.Module) -> dict:
     """Put a Documented layer in place of every pruned linear; returns the originals for `put_back`."""
     root, originals = epts.arch_of(model)[0], {}
     for key, lin in epts.pruned_linears(model).items():
-        originals[key] = epts.swap_module(model, f"{root}.{key}", Documented(lin))
+        epts.swap_module(model, f"{root}.{key}", Documented(lin))
+        originals[key] = lin
     return originals
 
 
