@@ -1115,7 +1115,7 @@ class DistributedRuntime(Runtime):
             p.grad = g.view_as(p)
         return per_group
 
-    compile_step = staticmethod(lambda step, *args: step)  # eager steps, PlainRuntime's
+    compile_step = staticmethod(PlainRuntime.compile_step)  # eager steps: no CUDA graph
 
     def blocks(self, model, device, start):
         """A finished block gets back the very tensors it was loaded as (blocks_on would copy it): on GPUs, mmap'd
