@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
+import epts_scale  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
     dense = epts.snapshot_linears(model)
     evaluate = lambda s: {"wikitext2": epts.perplexity(model, tokens, a.seqlen)}  # noqa: E731
     ppl = {"dense": evaluate(0.0)["wikitext2"]}
-    state = epts.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu", a.model, epts.Runtime())
+    state = epts_scale.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu")  # as the CLI
     for method in ("epts", "wanda"):  # the elastic model deployed; Wanda pruned once per sparsity
         for row in epts.sweep(model, method, a.sparsities, dense, evaluate, state=state, windows=windows):
             ppl[f"{method} {row['sparsity']}"] = row["ppl"]["wikitext2"]
