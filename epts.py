@@ -1868,9 +1868,11 @@ def optimizer_for(args: argparse.Namespace, scale, checkpoint: str | None = None
 
 def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch.Tensor,
                       cfg: EPTSConfig, device: torch.device, optimizer: Callable,
-                      writer: bool = True) -> tuple[ElasticState, float]:
-    """The elastic state, optimized; --save writes it (the `writer` process only), and the run
-    goes on with the saved state: --load prints the same numbers. Returns (state, seconds)."""
+                      writer: bool = True, checkpoint: str | None = None
+                      ) -> tuple[ElasticState, float]:
+    """The elastic state, optimized; --save writes it (the `writer` process only) and removes the
+    then finished run's `checkpoint`, and the run goes on with the saved state: --load prints the
+    same numbers. Returns (state, seconds)."""
     lap = stopwatch(device)
     state = optimizer(model, windows, cfg, device)
     state.base_model, state.fingerprint = args.model, fingerprint(model)
@@ -1879,6 +1881,8 @@ def optimize_and_save(args: argparse.Namespace, model: nn.Module, windows: torch
     if args.save and writer:
         save_elastic(state, args.save, getattr(torch, args.save_dtype), seqlen=windows.shape[-1])
         state = load_elastic(args.save)
+        if checkpoint and os.path.isfile(checkpoint):
+            os.remove(checkpoint)  # the run is complete: the artifact replaces the checkpoint
     return state, seconds
 
 
@@ -2047,7 +2051,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.method == "epts" and state is None:
         optimizer = optimizer_for(args, scale, r["checkpoint"])
         state, seconds = optimize_and_save(args, model, r["windows"], r["cfg"], device, optimizer,
-                                           writer=scale is None or scale.process_rank() == 0)
+                                           writer=scale is None or scale.process_rank() == 0,
+                                           checkpoint=r["checkpoint"])
         result.update(optimize_seconds=seconds, made=f"; optimized in {seconds:.1f} s")
         if scale is not None and scale.end_ranks(args, result):
             return result  # torchrun: ranks > 0 stop here; rank 0 evaluates and writes
