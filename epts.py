@@ -1285,8 +1285,9 @@ def state_header(state: ElasticState) -> dict:
 
 
 def reports_v1(header: dict) -> list[BlockReport]:
-    """The reports of a version-1 header: the gain was low_gain, 0 where the check dropped it."""
-    gains = header.get("group0_gains") or [r["low_gain"] * r["low_group_enabled"]
+    """The reports of a version-1 header: the gain was low_gain, 0 where the check dropped it
+    (the first version-1 files have no low_gain: 1 where the check kept the adapter)."""
+    gains = header.get("group0_gains") or [r.get("low_gain", 1.0) * r["low_group_enabled"]
                                           for r in header["reports"]]
     keep = ("loss_history", "low_check", "mix_sparsities", "seconds")
     return [BlockReport(**{k: r[k] for k in keep}, group0_gain=g)
@@ -1414,12 +1415,16 @@ def gguf_source(name: str) -> tuple[str, str]:
     return "/".join(parts[:2]), parts[2]
 
 
-def load_gguf(name: str, trust_remote_code: bool = False):
+def load_gguf(name: str, trust_remote_code: bool = False, verbose: bool = True):
     """(model, tokenizer) from a .gguf file: transformers de-quantizes it to fp32, then the weights
     go into a plain model of the same class, which saves, prunes and exports like one loaded from
     a folder (a model loaded from GGUF refuses save_pretrained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, file = gguf_source(name)
+    if not verbose:  # transformers' GGUF reader draws its own bar, which quiet_loading misses
+        with contextlib.suppress(ImportError):
+            from transformers import modeling_gguf_pytorch_utils as reader
+            reader.tqdm = functools.partial(tqdm, disable=True)
     if not os.path.isdir(folder):
         check_hub(f"--model {name}")
     try:
@@ -1448,7 +1453,7 @@ def load_model(name: str, dtype: str, device: torch.device, trust_remote_code: b
     torch_dtype = (getattr(torch, dtype) if dtype != "auto"
                    else torch.float32 if device.type == "cpu" else "auto")
     if name.endswith(".gguf"):
-        model, tokenizer = load_gguf(name, trust_remote_code)
+        model, tokenizer = load_gguf(name, trust_remote_code, verbose)
         model.to(torch.float32 if torch_dtype == "auto" else torch_dtype)  # GGUF: fp32
     else:
         if not os.path.exists(name):
