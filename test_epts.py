@@ -7,6 +7,7 @@ Run:  python -m pytest -q test_epts.py
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -243,6 +245,574 @@ def pruned_weights(weights: dict[str, torch.Tensor]) -> list[torch.Tensor]:
             if k.endswith("weight") and v.dim() == 2 and ("proj" in k or "fc" in k)]
 
 
+# ------------------------------------------------------------------------------------------------
+# The method, as the paper states it: each test below is one sentence of the specification.
+# ------------------------------------------------------------------------------------------------
+
+# 0. Configuration ------------------------------------------------------------------------------
+
+def test_the_paper_has_seven_groups_that_tile_0_to_0_7_and_mixer_weights_that_sum_to_1():
+    assert epts.GROUPS[0][0] == 0 and epts.GROUPS[-1][1] == 0.7 and len(epts.GROUPS) == 7
+    assert all(a[1] == b[0] for a, b in zip(epts.GROUPS, epts.GROUPS[1:]))
+    assert len(epts.MIXER_WEIGHTS) == 7 and math.isclose(sum(epts.MIXER_WEIGHTS), 1.0)
+    paper = epts.EPTSConfig()
+    assert (paper.rank, paper.epochs, paper.lr, paper.low_check_sparsity, paper.tuned) == (
+        8, 10, 1e-3, 0.3, None)
+
+
+def test_group_of_puts_s_in_the_group_lo_lt_s_le_hi_and_0_in_none():
+    assert epts.group_of(0.0) is None                       # s = 0 is dense
+    assert epts.group_of(1e-9) == 0
+    assert epts.group_of(0.4) == 0                          # intervals are (lo, hi]
+    assert epts.group_of(0.41) == 1
+    assert epts.group_of(0.45) == 1
+    assert epts.group_of(0.4500001) == 2
+    assert epts.group_of(0.7) == 6
+    for bad in (0.71, -0.01, float("nan"), float("inf")):
+        with pytest.raises(epts.EPTSError):
+            epts.group_of(bad)
+
+
+# 1. Masks (Eq. 1) ------------------------------------------------------------------------------
+
+def test_masks_remove_floor_s_in_lowest_scores_of_every_row_and_nest():
+    W, norm = torch.randn(16, 40), torch.rand(40)
+    scores = epts.wanda_scores(W, norm)
+    torch.testing.assert_close(scores, W.abs() * norm)       # S_ij = |W_ij| ||X_j||
+    ranks = epts.row_ranks(scores)
+    previous = torch.ones_like(W, dtype=torch.bool)
+    for s in (0.1, 0.29, 0.3, 0.5, 0.55, 0.7):
+        keep = epts.mask_from_ranks(ranks, s)
+        assert ((~keep).sum(1) == math.floor(s * 40 + 1e-6)).all()
+        assert not (keep & ~previous).any()                  # M(s2) within M(s1) for s2 > s1
+        previous = keep
+    keep = epts.mask_from_ranks(ranks, 0.5)                  # the pruned are each row's lowest
+    lowest_kept = scores.masked_fill(~keep, float("inf")).min(1).values
+    assert (scores.masked_fill(keep, -float("inf")).max(1).values <= lowest_kept).all()
+
+
+def test_prune_count_is_robust_to_float_error():
+    assert epts.prune_count(0.29, 100) == 29                 # 0.29 * 100 = 28.999999999999996
+    assert epts.prune_count(0.7, 256) == 179
+    assert int(epts.prune_count(torch.tensor(0.29, dtype=torch.float64), 100)) == 29
+
+
+def test_nm_masks_prune_the_n_lowest_of_every_m_and_nest():
+    W, norm = torch.randn(6, 16), torch.rand(16)
+    scores = epts.wanda_scores(W, norm)
+    ranks = epts.nm_ranks(scores, 4)
+    previous = torch.ones_like(W, dtype=torch.bool)
+    for n in (1, 2, 3):
+        keep = epts.mask_from_ranks(ranks, n / 4).view(6, 4, 4)
+        assert ((~keep).sum(-1) == n).all()                  # exactly N zeros in every group of 4
+        g = scores.view(6, 4, 4)
+        lowest_kept = g.masked_fill(~keep, float("inf")).min(-1).values
+        assert (g.masked_fill(keep, -1).max(-1).values <= lowest_kept).all()
+        assert not (keep.view(6, 16) & ~previous).any()      # 1:4 within 2:4 within 3:4
+        previous = keep.view(6, 16)
+    assert epts.pattern("2:4") == (0.5, 4) and epts.pattern(0.3) == (0.3, None)
+    for bad in ("4:2", "0:4", "2-4", "a:b"):
+        with pytest.raises(epts.EPTSError):
+            epts.pattern(bad)
+
+
+# 2. MS-HiLoRA (Eq. 2) --------------------------------------------------------------------------
+
+def test_eq2_sums_the_adapters_of_groups_0_to_k_and_keeps_exactly_the_mask_zeros():
+    K, r, out_f, in_f = 7, 2, 6, 10
+    W, A, B = torch.randn(out_f, in_f), torch.randn(K, r, in_f), torch.randn(K, out_f, r)
+    ranks = epts.row_ranks(epts.wanda_scores(W, torch.rand(in_f)))
+    for s, k in ((0.3, 0), (0.52, 3), (0.68, 6)):
+        keep = epts.mask_from_ranks(ranks, s)
+        chain = B[0] @ A[0]
+        for j in range(1, k + 1):
+            chain = chain + B[j] @ A[j]
+        W_s = epts.elastic_weight(W, ranks, A, B, s, k)
+        torch.testing.assert_close(W_s, (W + chain) * keep)
+        assert torch.equal(W_s == 0, ~keep)
+    assert torch.equal(epts.elastic_weight(W, ranks, A, B, 0.5, None),
+                       W * epts.mask_from_ranks(ranks, 0.5))   # no group: the mask alone
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_adapters_at_init_change_nothing(arch, windows):
+    model = tiny_model(arch)
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    settings = [epts.Setting(0.0, 6), epts.Setting(0.5, 3), epts.Setting(0.5, None)]
+    with torch.no_grad():
+        out = epts.forward_groups(block, layers, [X] * 3, kwargs, settings)
+    torch.testing.assert_close(out[0], Y)                    # s = 0 and B = 0: the dense block
+    torch.testing.assert_close(out[1], out[2])               # B = 0: adapters add nothing
+    assert (out[1] - Y).abs().max() > 1e-3                   # ... while the mask does change it
+
+
+@pytest.mark.parametrize("k", [0, 3, 6])
+def test_group_k_trains_exactly_adapters_0_to_k(k, windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    for layer in layers.values():  # non-zero B so that A gets gradients too
+        layer.B.data.normal_(0, 0.01)
+    out = epts.run_at(block, layers, X, kwargs, epts.Setting(epts.GROUPS[k][1], k))
+    epts.recon_loss(out, Y).backward()
+    for layer in layers.values():
+        for p in (layer.A, layer.B):
+            norms = p.grad.flatten(1).norm(dim=1)
+            assert (norms[: k + 1] > 0).all() and (norms[k + 1:] == 0).all()
+
+
+# 3. The objective (Eq. 3) and the mixer (Eq. 4) ------------------------------------------------
+
+def test_recon_loss_sums_over_tokens_and_averages_the_rest():
+    P, T = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    assert torch.isclose(epts.recon_loss(P, T), ((P - T) ** 2).sum(1).mean())
+
+
+def test_phase1_objective_guides_higher_groups_by_a_detached_group_0_output():
+    O = torch.randn(3, 1, 4, 2, requires_grad=True)
+    Y = torch.randn(1, 4, 2)
+    loss, per_group = epts.phase1_objective(O, Y)
+    l = epts.recon_loss
+    expected = [l(O[0], Y), 0.5 * l(O[1], O[0]) + 0.5 * l(O[1], Y),
+                0.5 * l(O[2], O[0]) + 0.5 * l(O[2], Y)]
+    torch.testing.assert_close(per_group, torch.stack(expected).detach())
+    loss.backward()
+    # stop-gradient: O_0 receives only the gradient of L_0 = l(O_0, Y)
+    torch.testing.assert_close(O.grad[0], 2 * (O[0] - Y).detach() / 2)
+
+
+def test_mixer_is_the_weighted_sum():
+    outputs = torch.randn(7, 2, 3, 4)
+    expected = sum(w * outputs[k] for k, w in enumerate(epts.MIXER_WEIGHTS))
+    torch.testing.assert_close(epts.mix_features(outputs, epts.MIXER_WEIGHTS), expected)
+
+
+# 4. Calling a block ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_captured_block_kwargs_reproduce_the_models_own_forward(arch, windows):
+    model = tiny_model(arch)
+    X, kwargs = epts.capture_block_inputs(model, windows[:2])
+    with torch.no_grad():
+        hidden = model(windows[:2], output_hidden_states=True).hidden_states
+        x = X
+        for i, block in enumerate(epts.decoder_blocks(model)[:-1]):  # the last is after the norm
+            x = epts.call_block(block, x, kwargs)
+            torch.testing.assert_close(x, hidden[i + 1], rtol=1e-5, atol=1e-5)
+
+
+# 5. The loop: Phase 1, the low-group check, Phase 2, block by block -----------------------------
+
+def test_draws_are_stratified_in_every_group_and_phase2_draws_one_per_group():
+    steps = 50
+    draws = epts.draw_sparsities(epts.EPTSConfig(), steps, torch.Generator().manual_seed(0))
+    assert draws.shape == (steps, 7)
+    for k, (lo, hi) in enumerate(epts.GROUPS):
+        col = draws[:, k]
+        assert bool(((col > lo) & (col <= hi)).all())
+        parts = torch.ceil((hi - col) / (hi - lo) * steps) - 1  # which part each step landed in
+        assert sorted(parts.long().tolist()) == list(range(steps))
+        assert parts.long().tolist() != list(range(steps))      # ... in shuffled order
+    lo, hi = torch.tensor(epts.GROUPS, dtype=torch.float64).T
+    u = torch.rand(7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    one = epts.draw_sparsities(epts.EPTSConfig(), 1, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(one, hi - u * (hi - lo))
+
+
+def test_a_phase1_step_runs_every_group_at_its_drawn_sparsity_and_steps_adam_once(windows):
+    model = tiny_model("opt")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs, cfg=epts.EPTSConfig(rank=2, epochs=1,
+                                                                           batch_size=4))
+    seen, steps = [], []
+
+    def forward(block, layers, xs, kwargs, settings):
+        seen.append([(float(s.sparsity), s.group) for s in settings])
+        return epts.forward_groups(block, layers, xs, kwargs, settings)
+
+    def wrap_step(step, opt):
+        return lambda *args: steps.append(opt) or step(*args)
+    history = epts.phase1_train(block, layers, [X] * 7, Y, kwargs, cfg,
+                                torch.Generator().manual_seed(0), forward, wrap_step)
+    draws = epts.draw_sparsities(cfg, 1, torch.Generator().manual_seed(0))[0].tolist()
+    assert seen == [list(zip(draws, range(7)))] and len(steps) == 1 and len(history[0]) == 7
+
+
+def test_phase1_loss_falls(optimized):
+    _, state, _ = optimized
+    for report in state.reports:
+        first, last = report.loss_history[0], report.loss_history[-1]
+        assert len(first) == 7
+        assert sum(last) < 0.8 * sum(first)
+        # every group above 0 improves; group 0's adapter is shared by all groups through the
+        # chain, so its own loss may rise: that is what the low-group check is for
+        assert all(b < a for a, b in zip(first[1:], last[1:]))
+
+
+def test_adapters_beat_the_mask_alone_in_every_group(optimized):
+    model, state, windows = optimized
+    dense = epts.snapshot_linears(model)
+    X, kwargs, Y = block0_io(model, windows)
+    no_adapters = copy.deepcopy(state)
+    no_adapters.adapters = {k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()}
+    block = epts.decoder_blocks(model)[0]
+    for k, (lo, hi) in enumerate(state.groups):
+        s = 0.3 if k == 0 else (lo + hi) / 2
+        errors = []
+        for st in (state, no_adapters):
+            epts.deploy(model, st, s, dense)
+            with torch.no_grad():
+                errors.append(float(epts.recon_loss(epts.call_block(block, X, kwargs), Y)))
+        if k == 0 and state.reports[0].group0_gain == 0:  # the check dropped it: the mask alone
+            assert errors[0] == errors[1]
+        else:
+            assert errors[0] < errors[1], f"group {k}: {errors[0]:.4g} >= mask only {errors[1]:.4g}"
+    epts.restore_dense(model, dense)
+
+
+def test_low_group_check_drops_an_adapter_that_hurts_and_keeps_one_that_helps(windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    block, layers, cfg = hilora_block(model, X, kwargs)
+    for layer in layers.values():  # a large random group-0 adapter: it can only do harm
+        layer.B.data[0].normal_(0, 1.0)
+    keep, losses = epts.low_group_check(block, layers, X, Y, kwargs, cfg)
+    assert not keep and losses["with_adapter"] > losses["mask_only"]
+    # a group-0 adapter trained on the dense stream at low sparsity helps at 0.3: it is kept
+    only_low = epts.EPTSConfig(groups=((0.0, 0.4),), mixer=(1.0,), rank=4, epochs=30, lr=5e-3,
+                               batch_size=2)
+    unwrap(block, layers)
+    block, layers, _ = hilora_block(model, X, kwargs, cfg=only_low)
+    epts.phase1_train(block, layers, [X], Y, kwargs, only_low, torch.Generator().manual_seed(0))
+    keep, losses = epts.low_group_check(block, layers, X, Y, kwargs, only_low)
+    assert keep and losses["with_adapter"] < losses["mask_only"]
+
+
+@pytest.mark.parametrize("keep_low", [True, False])
+def test_optimize_block_hands_two_streams_to_the_next_block(keep_low, windows, monkeypatch):
+    """next X_dense = f(X_dense; W) = Y; next X_mix = sum_k w_k f(X_mix; W_{s_k}), group 0 as the
+    mask alone when the low-group check dropped its adapter (as deploy will use it)."""
+    model = tiny_model("opt")
+    X_dense, kwargs, Y = block0_io(model, windows)
+    X_mix = X_dense + 0.1 * torch.randn(X_dense.shape, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(epts, "low_group_check", lambda *a, **k: (keep_low, {}))
+    block, names = epts.decoder_blocks(model)[0], epts.arch_of(model)[1]
+    _, norms = epts.dense_targets_and_norms(block, names, X_dense, kwargs)
+    cfg = epts.EPTSConfig(rank=2, epochs=2, lr=5e-3, batch_size=2)
+    adapters, report, next_mix = epts.optimize_block(block, 0, norms, X_dense, X_mix, Y, kwargs,
+                                                     cfg)
+    assert report.group0_gain == float(keep_low)
+    expected = torch.zeros_like(X_mix)
+    for k, (s, w) in enumerate(zip(report.mix_sparsities, cfg.mixer)):
+        pruned = copy.deepcopy(block)
+        for n in names:
+            lin = pruned.get_submodule(n)
+            ranks = epts.row_ranks(epts.wanda_scores(lin.weight, norms[n]))
+            group = None if k == 0 and not keep_low else k
+            with torch.no_grad():
+                lin.weight.copy_(epts.elastic_weight(lin.weight, ranks, *adapters[n], s, group))
+        with torch.no_grad():
+            expected += w * epts.call_block(pruned, X_mix, kwargs)
+    torch.testing.assert_close(next_mix, expected, rtol=1e-4, atol=1e-5)
+    assert any(B.abs().max() > 0 for _, B in adapters.values())
+
+
+def test_optimize_runs_block_by_block_with_the_dense_targets_as_the_next_dense_stream(windows):
+    model = tiny_model("opt")
+    seen = []
+    real = epts.optimize_block
+
+    def spy(block, index, norms, X_dense, X_mix, Y, *args, **kwargs):
+        seen.append((index, X_dense.clone(), Y.clone()))
+        return real(block, index, norms, X_dense, X_mix, Y, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(epts, "optimize_block", spy)
+        state = epts.optimize(model, windows, epts.EPTSConfig(rank=2, epochs=1, batch_size=4))
+    assert [i for i, _, _ in seen] == [0, 1] and len(state.reports) == 2
+    assert torch.equal(seen[1][1], seen[0][2])  # block 1's X_dense is block 0's dense output
+    assert sorted(state.adapters) == sorted(epts.pruned_linears(model))
+
+
+def test_nm_training_adds_one_slice_for_the_group_of_n_over_m_on_nm_masks(windows):
+    cfg = epts.EPTSConfig(nm_train="2:4")
+    assert epts.phase1_slices(cfg) == [(k, False) for k in range(7)] + [(2, True)]
+    draws = epts.phase1_draws(cfg, 5, torch.Generator().manual_seed(0))
+    plain = epts.phase1_draws(epts.EPTSConfig(), 5, torch.Generator().manual_seed(0))
+    assert torch.equal(draws[:, :7], plain) and (draws[:, 7] == 0.5).all()  # the paper's unchanged
+    model = tiny_model("llama")
+    X, kwargs, _ = block0_io(model, windows)
+    ref = copy.deepcopy(model)
+    block, layers, _ = hilora_block(model, X, kwargs, cfg=epts.EPTSConfig(rank=2, nm_train="2:4"))
+    settings = [epts.Setting(0.5, 2), epts.Setting(0.5, 2, nm=True)]
+    with torch.no_grad():
+        out = epts.forward_groups(block, layers, [X[:2]] * 2, kwargs, settings)
+        for n, layer in layers.items():  # B = 0: plain W * M_{2:4}
+            lin = epts.decoder_blocks(ref)[0].get_submodule(n)
+            lin.weight.mul_(epts.mask_from_ranks(layer.nm_ranks, 0.5))
+        expected = epts.call_block(epts.decoder_blocks(ref)[0], X[:2], kwargs)
+    torch.testing.assert_close(out[1], expected)
+    assert not torch.allclose(out[0], out[1])  # slice 0: the unstructured mask
+
+
+# 6. Deploy ---------------------------------------------------------------------------------------
+
+def test_deploy_gives_exact_sparsity_per_row_per_block_and_dense_at_0(optimized):
+    model, state, windows = optimized
+    dense = epts.snapshot_linears(model)
+    for s in (0.0, 0.3, 0.45, 0.6, 0.7, 0.85):
+        epts.deploy(model, state, s, dense)
+        for key, lin in epts.pruned_linears(model).items():
+            zeros_per_row = (lin.weight == 0).sum(1)
+            assert (zeros_per_row == math.floor(s * lin.in_features + 1e-6)).all(), key
+        assert math.isfinite(epts.perplexity(model, windows.flatten(), 32))
+    epts.deploy(model, state, [0.35, 0.65], dense)  # one sparsity per block
+    lins = epts.pruned_linears(model)
+    assert ((lins["0.mlp.up_proj"].weight == 0).sum(1) == math.floor(0.35 * 32)).all()
+    assert ((lins["1.mlp.up_proj"].weight == 0).sum(1) == math.floor(0.65 * 32)).all()
+    with pytest.raises(epts.EPTSError):
+        epts.deploy(model, state, [0.3], dense)
+    epts.deploy(model, state, 0.0, dense)
+    assert all(torch.equal(lin.weight, dense[k]) for k, lin in epts.pruned_linears(model).items())
+
+
+def test_deploy_writes_eq2_with_the_adapters_of_the_group_of_s_and_the_mask_alone_above(
+        optimized):
+    model, state, _ = optimized
+    dense = epts.snapshot_linears(model)
+    for s, k in ((0.5, 2), ("2:4", 2), (0.62, 5), (0.8, None)):
+        epts.deploy(model, state, s, dense)
+        for key, lin in epts.pruned_linears(model).items():
+            ranks = epts.ranks_for(epts.wanda_scores(dense[key], state.act_norms[key]), s)
+            fraction = epts.pattern(s)[0]
+            expected = epts.elastic_weight(dense[key], ranks, *state.adapters[key], fraction, k)
+            assert torch.equal(lin.weight, expected), (s, key)
+    epts.restore_dense(model, dense)
+
+
+def test_save_load_deploy_equals_deploy_in_memory(optimized, tmp_path):
+    model, state, _ = optimized
+    dense = epts.snapshot_linears(model)
+    epts.save_elastic(state, str(tmp_path / "elastic.safetensors"))
+    loaded = epts.load_elastic(str(tmp_path / "elastic.safetensors"))
+    assert loaded.groups == state.groups and loaded.tuned is None
+    assert [r.group0_gain for r in loaded.reports] == [r.group0_gain for r in state.reports]
+    for s in (0.35, [0.5, 0.7]):
+        epts.deploy(model, state, s, dense)
+        a = {k: v.weight.clone() for k, v in epts.pruned_linears(model).items()}
+        epts.deploy(model, loaded, s, dense)
+        assert all(torch.equal(a[k], v.weight) for k, v in epts.pruned_linears(model).items())
+    epts.restore_dense(model, dense)
+
+
+# 7. The tuned recipe (not in the paper) --------------------------------------------------------
+
+def test_the_tuned_recipe_is_four_named_switches_and_rank_32_on_top_of_the_paper():
+    paper, tuned = epts.recipe_config("paper"), epts.recipe_config("tuned", epochs=3)
+    assert paper == epts.EPTSConfig()                        # the default stays the paper's
+    assert tuned == epts.EPTSConfig(rank=32, epochs=3, tuned=epts.TunedRecipe())
+    assert all(vars(epts.TunedRecipe()).values())
+    assert epts.dedicated_config(tuned, 0.5).tuned is None   # a dedicated run stays the baseline
+    with pytest.raises(epts.EPTSError, match="unknown recipe"):
+        epts.recipe_config("best")
+
+
+def test_the_tuned_gain_scales_b0_in_group_0_only_ramped_with_s():
+    """g(s) = gain * s / hi_0 scales B_0 A_0 inside group 0 (gain alone without the ramp); other
+    groups keep B_0 as it is."""
+    B = torch.randn(3, 4, 2)
+    for ramp, s, expected in ((True, 0.1, 0.125), (True, 0.4, 0.5), (False, 0.1, 0.5)):
+        got = epts.tuned_group0(B, s, 0, gain=0.5, top0=0.4, ramp=ramp)
+        torch.testing.assert_close(got[0], expected * B[0])
+        assert torch.equal(got[1:], B[1:])
+    assert epts.tuned_group0(B, 0.5, 2, gain=0.5, top0=0.4, ramp=True) is B
+    W, ranks, A = torch.randn(4, 8), epts.row_ranks(torch.rand(4, 8)), torch.randn(3, 2, 8)
+    gain0 = epts.tuned_group0(B, 0.2, 0, gain=0.0, top0=0.4, ramp=True)  # gain 0: the mask alone
+    torch.testing.assert_close(epts.elastic_weight(W, ranks, A, gain0, 0.2, 0),
+                               W * epts.mask_from_ranks(ranks, 0.2))
+
+
+def test_stop_chain_grad_lets_b0_learn_from_group_0_only():
+    W, ranks = torch.randn(6, 8), epts.row_ranks(torch.rand(6, 8))
+    A, B = torch.randn(3, 2, 8), torch.randn(3, 6, 2, requires_grad=True)
+
+    def b0_learns(s, k, stop):
+        B.grad = None
+        B_k = epts.tuned_group0(B, s, k, gain=1.0, top0=0.4, ramp=True, stop_chain_grad=stop)
+        epts.elastic_weight(W, ranks, A, B_k, s, k).sum().backward()
+        assert B.grad[k].abs().sum() > 0
+        return bool(B.grad[0].abs().sum() > 0)
+    assert not b0_learns(0.42, 1, True) and not b0_learns(0.48, 2, True)
+    assert b0_learns(0.42, 1, False) and b0_learns(0.2, 0, True)
+
+
+def test_tuned_group_0_trains_on_the_dense_stream_the_other_groups_on_the_mixed_one(windows):
+    model = tiny_model("opt")
+    X_dense, kwargs, Y = block0_io(model, windows)
+    X_mix = X_dense + 0.3 * torch.randn(X_dense.shape, generator=torch.Generator().manual_seed(2))
+    block, names = epts.decoder_blocks(model)[0], epts.arch_of(model)[1]
+    _, norms = epts.dense_targets_and_norms(block, names, X_dense, kwargs)
+    seen = []
+
+    def forward(block, layers, xs, kwargs, settings):
+        seen.append([x.data_ptr() for x in xs])
+        return epts.forward_groups(block, layers, xs, kwargs, settings)
+    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=4)
+    epts.optimize_block(block, 0, norms, X_dense, X_mix, Y, kwargs, cfg, forward)
+    first_step = seen[0]
+    assert first_step[0] != first_step[1] and len(set(first_step[1:])) == 1
+
+
+def test_fitted_gain_is_0_for_an_adapter_that_only_hurts_and_deploys_the_mask_alone(windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    cfg = epts.recipe_config("tuned", rank=4)
+    block, layers, _ = hilora_block(model, X, kwargs, cfg=cfg)
+    for layer in layers.values():  # a large random group-0 adapter: it can only do harm
+        layer.B.data[0].normal_(0, 1.0)
+    gain, info = epts.fit_group0_gain(block, layers, X, Y, kwargs, cfg)
+    assert gain == 0.0 and min(info["relative_loss"]) == info["relative_loss"][0] == 4.0
+    assert all(layer.gain == 0.0 for layer in layers.values())
+    adapters = {n: (l.A.detach().clone(), l.B.detach().clone()) for n, l in layers.items()}
+    unwrap(block, layers)
+    names = epts.arch_of(model)[1]
+    _, norms = epts.dense_targets_and_norms(block, names, X, kwargs)
+    state = epts.ElasticState(list(cfg.groups), list(cfg.mixer), 4, cfg.tuned)
+    for i in range(2):  # block 1 reuses block 0's adapters and norms: deploy needs the shapes
+        state.add_block(i, adapters, norms, epts.BlockReport(group0_gain=gain))
+    dense = epts.snapshot_linears(model)
+    for s in (0.05, 0.2, 0.4):  # deploy writes exactly W * M(s) everywhere in group 0
+        epts.deploy(model, state, s, dense)
+        for key, lin in epts.pruned_linears(model).items():
+            ranks = epts.row_ranks(epts.wanda_scores(dense[key], state.act_norms[key]))
+            assert torch.equal(lin.weight, dense[key] * epts.mask_from_ranks(ranks, s))
+    epts.restore_dense(model, dense)
+
+
+def test_fitted_gain_keeps_an_adapter_trained_for_group_0(windows):
+    model = tiny_model("llama")
+    X, kwargs, Y = block0_io(model, windows)
+    only_low = epts.recipe_config("tuned", groups=((0.0, 0.4),), mixer=(1.0,), rank=4, epochs=30,
+                                  lr=5e-3, batch_size=2)
+    block, layers, _ = hilora_block(model, X, kwargs, cfg=only_low)
+    epts.phase1_train(block, layers, [X], Y, kwargs, only_low, torch.Generator().manual_seed(0))
+    gain, info = epts.fit_group0_gain(block, layers, X, Y, kwargs, only_low)
+    assert gain > 0 and min(info["relative_loss"]) < info["relative_loss"][0]
+
+
+def test_tuned_recipe_end_to_end_saves_loads_and_deploys_the_same_weights(tmp_path):
+    model = tiny_model("llama")
+    windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    state = epts.optimize(model, windows, epts.recipe_config("tuned", rank=2, epochs=2,
+                                                             batch_size=2))
+    assert state.tuned == epts.TunedRecipe()
+    assert all(0.0 <= r.group0_gain <= 1.0 for r in state.reports)
+    epts.save_elastic(state, str(tmp_path / "t.safetensors"))
+    loaded = epts.load_elastic(str(tmp_path / "t.safetensors"))
+    assert loaded.tuned == state.tuned
+    assert [r.group0_gain for r in loaded.reports] == [r.group0_gain for r in state.reports]
+    dense = epts.snapshot_linears(model)
+    for s in (0.1, 0.35, 0.6):
+        epts.deploy(model, state, s, dense)
+        a = {k: v.weight.clone() for k, v in epts.pruned_linears(model).items()}
+        epts.deploy(model, loaded, s, dense)
+        assert all(torch.equal(a[k], v.weight) for k, v in epts.pruned_linears(model).items())
+        assert epts.measured_sparsity(model) > 0
+    epts.restore_dense(model, dense)
+
+
+# 8. The method on its own, in the paper's order ------------------------------------------------
+
+BANNER = "# ===== harness: nothing below changes the math ====="
+
+
+def method_source() -> str:
+    """epts.py above the harness banner: sections 0-9, the method."""
+    text = (HERE / "epts.py").read_text()
+    return text[:text.index(BANNER)]
+
+
+def test_the_method_above_the_banner_runs_on_its_own_with_both_recipes():
+    """Sections 0-9 alone, in a fresh module: optimize and deploy run on a tiny OPT and LLaMA with
+    both recipes and give the model that epts.py gives."""
+    standalone = types.ModuleType("epts_copied")
+    sys.modules["epts_copied"] = standalone  # dataclasses look their module up
+    try:
+        exec(compile(method_source(), "epts_copied", "exec"), standalone.__dict__)
+        windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+        for arch in ("opt", "llama"):
+            for recipe in ("paper", "tuned"):
+                outs = []
+                for lib in (standalone, epts):
+                    model = tiny_model(arch)
+                    dense = lib.snapshot_linears(model)
+                    cfg = lib.recipe_config(recipe, rank=2, epochs=2, batch_size=2)
+                    lib.deploy(model, lib.optimize(model, windows, cfg), 0.5, dense)
+                    with torch.no_grad():
+                        outs.append(model(windows).logits)
+                assert torch.equal(*outs), (arch, recipe)
+    finally:
+        del sys.modules["epts_copied"]
+
+
+def test_every_name_the_method_uses_is_defined_above_the_banner():
+    """No name from below the banner (the harness, tqdm, ...) is used by sections 0-9: each is
+    defined or imported above it, a builtin, or a local of the function that uses it."""
+    import ast
+    import builtins
+    tree = ast.parse(method_source())
+    defined = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+            stdlib = ("__future__", "dataclasses", "typing")
+            assert isinstance(node, ast.Import) or node.module in stdlib or \
+                node.module.split(".")[0] == "torch", node.module
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert used <= defined, used - defined
+
+
+def test_epts_py_reads_like_the_paper_eq2_first_then_the_loop_then_the_tuned_recipe():
+    """The reader meets Eq. 2's literal function before any batched form (there is none in
+    epts.py), the paper's loop before the tuned recipe, and the method before the harness."""
+    import ast
+    tree = ast.parse((HERE / "epts.py").read_text())
+    order = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    paper = ["wanda_scores", "mask_from_ranks", "elastic_weight", "HiLoRALinear",
+             "phase1_objective", "mix_features", "phase1_train", "low_group_check", "phase2_mix",
+             "optimize_block", "optimize", "deploy", "TunedRecipe", "tuned_group0",
+             "fit_group0_gain", "validate_config", "prune_sequential", "perplexity",
+             "save_elastic", "main"]
+    assert [order.index(name) for name in paper] == sorted(order.index(name) for name in paper)
+    forbidden = {"Runtime", "PlainRuntime", "Slices", "chained_delta", "cuda_graph_step",
+                 "fused_merge", "sparse24", "save_checkpoint", "DistributedForward"}
+    assert not forbidden & set(order)
+
+
+def test_no_line_of_the_projects_python_is_longer_than_100_characters():
+    long = [f"{path.name}:{i}" for path in HERE.rglob("*.py") if ".git" not in path.parts
+            for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 100]
+    assert not long, long
+
+
+def test_no_function_of_epts_py_is_longer_than_40_lines():
+    import ast
+    tree = ast.parse((HERE / "epts.py").read_text())
+    length = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert max(length.values()) <= 40, max(length.items(), key=lambda kv: kv[1])
+
+
+# ================================================================================================
+# The harness: evaluation, baselines, the artifact and the command line.
+# ================================================================================================
+
 # evaluation --------------------------------------------------------------------------------------
 
 def test_perplexity_matches_a_hand_computation():
@@ -392,6 +962,32 @@ def test_cli_error_has_no_traceback_in_a_real_process(tiny_dir):
     assert "Traceback" not in proc.stderr and "outside [0, 1)" in proc.stderr
 
 
+@pytest.mark.parametrize("arch, nm", [("opt", "2:4"), ("llama", "4:8")])
+def test_every_method_exports_an_exact_nm_model(arch, nm, tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+    n, m = map(int, nm.split(":"))
+    for method in epts.METHODS:
+        out = tmp_path / method
+        code, _, err = run_cli(*cli(tiny_dir, arch, "--method", method, "--epochs", "1", "--rank",
+                                    "2", "--pattern", nm, "--export-sparsity", nm, "--export-dir",
+                                    out, "--eval", "none"))
+        assert code == 0, err
+        weights = load_file(str(out / "model.safetensors"))
+        linears = [v for k, v in weights.items() if v.dim() == 2 and ("proj" in k or "fc" in k)]
+        assert len(linears) == len(epts.pruned_linears(tiny_model(arch)))
+        for v in linears:  # at least N zeros in every group of M
+            assert ((v.view(v.shape[0], -1, m) == 0).sum(-1) >= n).all(), method
+
+
+def test_pattern_rows_are_labelled_nm(tiny_dir, tmp_path):
+    out = tmp_path / "r.json"
+    code, printed, _ = run_cli(*cli(tiny_dir, "opt", "--method", "wanda", "--pattern", "2:4",
+                                    "--json-out", out))
+    row = json.loads(out.read_text())["results"][0]
+    assert code == 0 and row["sparsity"] == "2:4" and row["achieved_sparsity"] == 0.5
+    assert "     2:4" in printed
+
+
 # baselines ---------------------------------------------------------------------------------------
 
 def test_sparsegpt_beats_wanda_mask_on_correlated_inputs_with_exact_sparsity():
@@ -450,6 +1046,18 @@ def test_owl_keeps_the_mean_and_the_limits():
                    for k, lin in lins.items())
     total = sum(lin.weight.numel() for lin in lins.values())
     assert epts.measured_sparsity(model) == expected / total
+
+
+def test_sparsegpt_nm_chooses_n_of_every_m_adaptively():
+    g = torch.Generator().manual_seed(0)
+    X, W = torch.randn(512, 64, generator=g), torch.randn(16, 64, generator=g)
+    Wp = epts.sparsegpt_prune(W, epts.gram(X), 512, "2:4")
+    assert ((Wp.view(16, 16, 4) == 0).sum(-1) == 2).all()
+    W_wanda = epts.wanda_prune(W, epts.sum_of_squares(X), 512, "2:4")
+
+    def err(Wq):
+        return float(((X @ (Wq - W).T) ** 2).mean())
+    assert err(Wp) < err(W_wanda)  # the OBS update pays at N:M too
 
 
 # artifact ----------------------------------------------------------------------------------------
