@@ -54,6 +54,12 @@ class Slices:
     nm: torch.Tensor | None = None
 
 
+def filled(values: Sequence[int | bool], device: torch.device) -> torch.Tensor:
+    """A few Python numbers as a tensor made on `device` by fills, not copied from host memory: a
+    CUDA graph capture (cuda_graph_step) refuses copies from pageable host memory."""
+    return torch.stack([torch.full((), v, device=device) for v in values])
+
+
 def slices_of(layer: epts.HiLoRALinear, settings: Sequence[Setting]) -> Slices:
     """The tensors of `settings` for `layer`: the paper's chain, and for a TunedHiLoRALinear its
     gain on B_0 in group 0 (ramped with s / hi_0) and sg(B_0) in groups >= 1 (epts.tuned_group0)."""
@@ -61,10 +67,9 @@ def slices_of(layer: epts.HiLoRALinear, settings: Sequence[Setting]) -> Slices:
     values = [st.sparsity for st in settings]
     sparsity = (torch.stack(values) if all(torch.is_tensor(v) for v in values)
                 else torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
-    group = torch.tensor([-1 if st.group is None else st.group for st in settings], device=device)
+    group = filled([-1 if st.group is None else st.group for st in settings], device)
     chain = (torch.arange(K, device=device).view(1, -1) <= group.view(-1, 1)).float()
-    nm = (torch.tensor([st.nm for st in settings], device=device)
-          if any(st.nm for st in settings) else None)
+    nm = filled([st.nm for st in settings], device) if any(st.nm for st in settings) else None
     frozen = None
     if isinstance(layer, epts.TunedHiLoRALinear):
         recipe, gain = layer.recipe, layer.gain
