@@ -1,6 +1,6 @@
-"""The side-by-side benchmark: EPTS (one elastic run) vs. dense, magnitude, Wanda, SparseGPT and
-dedicated single-sparsity runs, plus uniform vs. OWL layer-wise sparsity, on the stand-in models
-and SmolLM2-135M.
+"""The side-by-side benchmark: EPTS (one elastic run) vs. dense, magnitude, Wanda, SparseGPT, RIA,
+DSnoT and dedicated single-sparsity runs, plus uniform vs. OWL layer-wise sparsity, on the stand-in
+models and SmolLM2-135M.
 
 On the GPU machine (models and data copied into .cache/):
 
@@ -16,7 +16,8 @@ numbers, on any machine:
     python bench/run_bench.py --from bench/results.json --out bench
 
 Every EPTS optimization runs as the command line runs it: epts_scale.optimize (all groups in one
-block call, bf16 autocast and a CUDA graph on the GPU).
+block call, bf16 autocast and a CUDA graph on the GPU). RIA and DSnoT (`--methods ria dsnot`) come
+from bench/pruners.py, in the sequential loop of Wanda and SparseGPT.
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
 import epts_scale  # noqa: E402
+import pruners  # noqa: E402  (bench/ is on the path: this script's folder)
 
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
 # N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
 NM = ["2:4", "4:8"]
-BASELINES = ["magnitude", "wanda", "sparsegpt"]  # one pruning per sparsity
+BASELINES = ["magnitude", "wanda", "sparsegpt", "ria", "dsnot"]  # one pruning per sparsity
 METHODS = [*BASELINES, "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only",
            "epts-tuned"]
 # not in a default run: calibration-size ablation, adapters rounded to bf16
@@ -47,7 +49,8 @@ GRID = [round(0.05 * k, 2) for k in range(1, 15)]  # --grid: 0.05, 0.1, ..., 0.7
 DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
 # the rows of the perplexity tables; a method without results is left out
-TABLE_METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-tuned", "epts-nm"]
+TABLE_METHODS = ["magnitude", "wanda", "sparsegpt", "ria", "dsnot", "dedicated", "epts",
+                 "epts-tuned", "epts-nm"]
 TABLES = "results_tables.md"  # what write_markdown writes into --out; RESULTS.md is by hand
 
 
@@ -94,6 +97,23 @@ def fast(path: str):
                                                                    options)
 
 
+def pruner_sweep(model, method: str, targets, dense: dict, evaluate, windows: torch.Tensor,
+                 device: torch.device):
+    """epts.sweep for bench/pruners.py's methods (RIA, DSnoT): the same rows, one pruning from
+    the dense weights per target; the dense weights are back at the end."""
+    try:
+        for target in targets:
+            lap = epts.stopwatch(device)
+            epts.restore_dense(model, dense)
+            pruners.prune(model, method, windows, target, device)
+            row = {"sparsity": target, "achieved_sparsity": epts.measured_sparsity(model),
+                   "seconds": lap()}
+            row["ppl"] = evaluate(target)
+            yield row
+    finally:
+        epts.restore_dense(model, dense)
+
+
 def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     model, tok = epts.load_model(path, "float32", device, verbose=False)
     model.to(device)  # small models: all on the GPU (the loops still move one block at a time)
@@ -108,11 +128,16 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         return {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()}
 
     def record(method: str, targets, schedule=None, label: str | None = None, **how) -> None:
-        """The shared method x sparsity loop (epts.sweep); one results.json entry per sparsity,
-        labelled str(s), under `label` (default: the method, "-owl" appended with a schedule)."""
+        """The shared method x sparsity loop (epts.sweep; pruner_sweep for RIA and DSnoT); one
+        results.json entry per sparsity, labelled str(s), under `label` (default: the method,
+        "-owl" appended with a schedule)."""
         label = label or (method if schedule is None else f"{method}-owl")
-        for row in epts.sweep(model, method, targets, dense, evaluate, schedule, windows=windows,
-                              cfg=cfg, device=device, optimizer=optimize, **how):
+        if method in pruners.METHODS:
+            rows = pruner_sweep(model, method, targets, dense, evaluate, windows, device)
+        else:
+            rows = epts.sweep(model, method, targets, dense, evaluate, schedule, windows=windows,
+                              cfg=cfg, device=device, optimizer=optimize, **how)
+        for row in rows:
             out["methods"].setdefault(label, {})[str(row["sparsity"])] = row
             print(f"{os.path.basename(path)} {label:>12} {row['sparsity']:>5}: " +
                   " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()) +
@@ -312,8 +337,10 @@ def targets(res: dict, e0: str) -> list[str]:
 
     def five(k: str) -> float:
         return sum(m[k][str(s)]["seconds"] for s in SPARSITIES)
+    # magnitude, Wanda and SparseGPT always; RIA and DSnoT where measured
+    baselines = ["magnitude", "wanda", "sparsegpt"] + [k for k in ("ria", "dsnot") if k in m]
     L += ["Time to produce the five sparsities (s): "
-          + ", ".join(f"{k} {five(k):.1f}" for k in ("magnitude", "wanda", "sparsegpt"))
+          + ", ".join(f"{k} {five(k):.1f}" for k in baselines)
           + f", EPTS {optimize_s + five('epts'):.1f} (optimize once + five deploys).", ""]
     return L
 
@@ -348,29 +375,39 @@ def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
     return L
 
 
+# the figure's curves: method, marker and line style, legend; colour Ck for the k-th
+CURVES = [("epts", "o-", "EPTS (paper recipe, one run)"),
+          ("epts-tuned", "*-", "EPTS --recipe tuned (one run)"),
+          ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
+          ("wanda", "^:", "Wanda (one run per s)"),
+          ("sparsegpt", "v:", "SparseGPT (one run per s)"),
+          ("dedicated", "D", "dedicated (one run per s)"),
+          ("ria", "<:", "RIA (one run per s)"),
+          ("dsnot", ">:", "DSnoT (one run per s)")]
+
+
 def plot_elasticity(results: dict, path: str) -> None:
     """ppl / dense against s for the elastic model, its masks alone, and the
-    one-run-per-sparsity baselines."""
+    one-run-per-sparsity baselines; a method a model lacks has no curve there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
     n = len(results["models"])
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    legend = {}  # label -> one line of it, over all models, in CURVES' order below
     for ax, (name, res) in zip(axes[0], results["models"].items()):
         m = res["methods"]
         e0 = next(iter(m["dense"]["0.0"]["ppl"]))
         dense = m["dense"]["0.0"]["ppl"][e0]
-        for method, style, label in [("epts", "o-", "EPTS (paper recipe, one run)"),
-                                     ("epts-tuned", "*-", "EPTS --recipe tuned (one run)"),
-                                     ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
-                                     ("wanda", "^:", "Wanda (one run per s)"),
-                                     ("sparsegpt", "v:", "SparseGPT (one run per s)"),
-                                     ("dedicated", "D", "dedicated (one run per s)")]:
-            labels = sorted((lab for lab in m.get(method, {}) if ":" not in lab), key=float)
-            ax.plot([float(lab) for lab in labels],
-                    [m[method][lab]["ppl"][e0] / dense for lab in labels], style, label=label,
-                    ms=4)
+        for color, (method, style, label) in enumerate(CURVES):
+            if method not in m:
+                continue
+            labels = sorted((lab for lab in m[method] if ":" not in lab), key=float)
+            line, = ax.plot([float(lab) for lab in labels],
+                            [m[method][lab]["ppl"][e0] / dense for lab in labels], style,
+                            color=f"C{color}", label=label, ms=4)
+            legend.setdefault(label, line)
         for lo, hi in [(0, .4), (.45, .5), (.55, .6), (.65, .7)]:
             ax.axvspan(lo, hi, color="grey", alpha=0.07)
         ax.set_yscale("log")
@@ -382,7 +419,8 @@ def plot_elasticity(results: dict, path: str) -> None:
         ax.set_ylabel("perplexity / dense (log scale)")
         ax.set_title(f"{name}: {e0}, dense {dense:.2f}")
         ax.grid(alpha=.3)
-    axes[0][0].legend(fontsize=7)
+    order = [label for _, _, label in CURVES if label in legend]
+    axes[0][0].legend([legend[label] for label in order], order, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
