@@ -1,10 +1,12 @@
-"""A CPU-sized version of the benchmark (minutes, 2 cores): opt-mini, 8 x 256 calibration tokens, 1 epoch.
+"""A CPU-sized version of the benchmark (minutes, 2 cores): opt-mini, 8 x 256 calibration tokens,
+1 epoch.
 
     python bench/cpu_check.py --model ../shared/models/opt-mini --calib ../shared/data/calib.txt \
         --eval ../shared/data/wikitext2/test.txt
 
-Evaluates on the first 64 windows of 256 tokens and asserts the ordering dense < EPTS <= Wanda at 0.6
-(exit status 1 if it does not hold). Wanda is run as in its paper (sequential, one pruning per sparsity).
+Evaluates on the first 64 windows of 256 tokens and asserts the ordering dense < EPTS <= Wanda at
+0.6 (exit status 1 if it does not hold). Wanda is run as in its paper (sequential, one pruning per
+sparsity).
 """
 from __future__ import annotations
 
@@ -38,14 +40,17 @@ def main() -> int:
     dense = epts.snapshot_linears(model)
     evaluate = lambda s: {"wikitext2": epts.perplexity(model, tokens, a.seqlen)}  # noqa: E731
     ppl = {"dense": evaluate(0.0)["wikitext2"]}
-    state = epts_scale.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu")  # as the CLI
+    # as the command line optimizes
+    state = epts_scale.optimize(model, windows, epts.EPTSConfig(epochs=a.epochs), "cpu")
     for method in ("epts", "wanda"):  # the elastic model deployed; Wanda pruned once per sparsity
-        for row in epts.sweep(model, method, a.sparsities, dense, evaluate, state=state, windows=windows):
+        for row in epts.sweep(model, method, a.sparsities, dense, evaluate, state=state,
+                              windows=windows):
             ppl[f"{method} {row['sparsity']}"] = row["ppl"]["wikitext2"]
     for k, v in ppl.items():
         print(f"{k:>10}: ppl {v:.2f}")
     ok = ppl["dense"] < ppl["epts 0.6"] <= ppl["wanda 0.6"]
-    print(f"dense < EPTS <= Wanda at 0.6: {'holds' if ok else 'DOES NOT HOLD'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"dense < EPTS <= Wanda at 0.6: {'holds' if ok else 'DOES NOT HOLD'} "
+          f"({time.perf_counter() - t0:.0f} s)")
     return 0 if ok else 1
 
 

@@ -1,16 +1,23 @@
-"""The side-by-side benchmark: EPTS (one elastic run) vs. dense, magnitude, Wanda, SparseGPT and dedicated
-single-sparsity runs, plus uniform vs. OWL layer-wise sparsity, on the stand-in models and SmolLM2-135M.
+"""The side-by-side benchmark: EPTS (one elastic run) vs. dense, magnitude, Wanda, SparseGPT, RIA,
+DSnoT and dedicated single-sparsity runs, plus uniform vs. OWL layer-wise sparsity, on the stand-in
+models and SmolLM2-135M.
 
 On the GPU machine (models and data copied into .cache/):
 
     python bench/run_bench.py --models .cache/models/opt-mini .cache/models/llama-mini \
-        --calib .cache/data/calib.txt --eval .cache/data/wikitext2/test.txt .cache/data/heldout.txt
+        --calib .cache/data/calib.txt \
+        --eval .cache/data/wikitext2/test.txt .cache/data/heldout.txt
 
-writes results.json, results_tables.md (every table, read from results.json) and elasticity.png into --out
-(default: bench/). `--methods ...` re-runs some methods and replaces their entries; `--merge` adds partial runs
-made elsewhere (bench/smollm2.sh). The tables alone, from the committed numbers, on any machine:
+writes results.json, results_tables.md (every table, read from results.json) and elasticity.png
+into --out (default: bench/). `--methods ...` re-runs some methods and replaces their entries;
+`--merge` adds partial runs made elsewhere (bench/smollm2.sh). The tables alone, from the committed
+numbers, on any machine:
 
     python bench/run_bench.py --from bench/results.json --out bench
+
+Every EPTS optimization runs as the command line runs it: epts_scale.optimize (all groups in one
+block call, bf16 autocast and a CUDA graph on the GPU). RIA and DSnoT (`--methods ria dsnot`) come
+from bench/pruners.py, in the sequential loop of Wanda and SparseGPT.
 """
 from __future__ import annotations
 
@@ -27,109 +34,175 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import epts  # noqa: E402
+import epts_scale  # noqa: E402
+import pruners  # noqa: E402  (bench/ is on the path: this script's folder)
 
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
-NM = ["2:4", "4:8"]  # N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
-METHODS = ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only",
+# N:M patterns (N of every M consecutive inputs pruned), beside unstructured 0.5
+NM = ["2:4", "4:8"]
+BASELINES = ["magnitude", "wanda", "sparsegpt", "ria", "dsnot"]  # one pruning per sparsity
+METHODS = [*BASELINES, "dedicated", "epts", "epts-owl", "wanda-owl", "epts-nm", "mask-only",
            "epts-tuned"]
-EXTRA = ["calib-sizes", "save-bf16"]  # not in a default run: calibration-size ablation, adapters rounded to bf16
+# not in a default run: calibration-size ablation, adapters rounded to bf16
+EXTRA = ["calib-sizes", "save-bf16"]
 GRID = [round(0.05 * k, 2) for k in range(1, 15)]  # --grid: 0.05, 0.1, ..., 0.7 (the continuum)
 DEDICATED = [0.5, 0.7]
 OWL = [0.5, 0.6, 0.7]
-TABLES = "results_tables.md"  # what write_markdown writes into --out; RESULTS.md is written by hand
+# the rows of the perplexity tables; a method without results is left out
+TABLE_METHODS = ["magnitude", "wanda", "sparsegpt", "ria", "dsnot", "dedicated", "epts",
+                 "epts-tuned", "epts-nm"]
+TABLES = "results_tables.md"  # what write_markdown writes into --out; RESULTS.md is by hand
 
 
 def as_saved(state: epts.ElasticState, dtype: torch.dtype) -> epts.ElasticState:
-    """The state as --save-dtype writes it and --load reads it back: every adapter rounded to `dtype`."""
+    """The state as --save-dtype writes it and --load reads it back: every adapter rounded to
+    `dtype`."""
     return dataclasses.replace(state, adapters={k: (A.to(dtype).float(), B.to(dtype).float())
                                                 for k, (A, B) in state.adapters.items()})
 
 
 def mask_only(state: epts.ElasticState) -> epts.ElasticState:
-    """The masks EPTS deploys (Wanda scores of the dense stream) with no adapters: every B set to 0."""
-    return dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B)) for k, (A, B) in state.adapters.items()})
+    """The masks EPTS deploys (Wanda scores of the dense stream) with no adapters: every B set to
+    0."""
+    return dataclasses.replace(state, adapters={k: (A, torch.zeros_like(B))
+                                                for k, (A, B) in state.adapters.items()})
+
+
+TUNED_FIELDS = {f.name for f in dataclasses.fields(epts.TunedRecipe)}
+# the names these fields had before epts.TunedRecipe (as in RESULTS.md's commands): name -> (the
+# TunedRecipe field, its value from the old one)
+OLD_FIELDS = {"group0_input": ("group0_dense_input", lambda v: v == "dense"),
+              "low_gain": ("fit_gain", lambda v: v == "fit")}
+
+
+def config_with(cfg: epts.EPTSConfig, fields: dict) -> epts.EPTSConfig:
+    """`cfg` with JSON `fields` replaced: EPTSConfig fields, and the tuned recipe's switches
+    (epts.TunedRecipe's fields, or their old names group0_input="dense" / low_gain="fit"). A switch
+    on the paper's recipe (no TunedRecipe) starts from all four off."""
+    fields = dict(fields)
+    for old, (new, value) in OLD_FIELDS.items():
+        if old in fields:
+            fields[new] = value(fields.pop(old))
+    switches = {k: fields.pop(k) for k in list(fields) if k in TUNED_FIELDS}
+    if switches:
+        off = epts.TunedRecipe(**dict.fromkeys(TUNED_FIELDS, False))
+        fields["tuned"] = dataclasses.replace(cfg.tuned or off, **switches)
+    return dataclasses.replace(cfg, **fields)
+
+
+def fast(path: str):
+    """optimize(model, windows, cfg, device) as the command line runs it (epts_scale)."""
+    options = epts_scale.Options(base_model=path)
+    return lambda model, windows, cfg, device: epts_scale.optimize(model, windows, cfg, device,
+                                                                   options)
+
+
+def pruner_sweep(model, method: str, targets, dense: dict, evaluate, windows: torch.Tensor,
+                 device: torch.device):
+    """epts.sweep for bench/pruners.py's methods (RIA, DSnoT): the same rows, one pruning from
+    the dense weights per target; the dense weights are back at the end."""
+    try:
+        for target in targets:
+            lap = epts.stopwatch(device)
+            epts.restore_dense(model, dense)
+            pruners.prune(model, method, windows, target, device)
+            row = {"sparsity": target, "achieved_sparsity": epts.measured_sparsity(model),
+                   "seconds": lap()}
+            row["ppl"] = evaluate(target)
+            yield row
+    finally:
+        epts.restore_dense(model, dense)
 
 
 def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     model, tok = epts.load_model(path, "float32", device, verbose=False)
-    model.to(device)  # small models: keep everything on the GPU (the loops still move one block at a time)
+    model.to(device)  # small models: all on the GPU (the loops still move one block at a time)
     windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, a.seed)
     tokens = {os.path.basename(e): epts.eval_tokens(tok, e, a.seqlen) for e in a.eval}
     dense = epts.snapshot_linears(model)
     cfg = epts.EPTSConfig(epochs=a.epochs, seed=a.seed)
+    optimize = fast(path)
     out: dict = {"methods": {}}
 
     def evaluate(sparsity: float = 0.0) -> dict[str, float]:
         return {e: epts.perplexity(model, t, a.seqlen, device, 8) for e, t in tokens.items()}
 
     def record(method: str, targets, schedule=None, label: str | None = None, **how) -> None:
-        """The shared method x sparsity loop (epts.sweep); one results.json entry per sparsity, labelled str(s),
-        under `label` (default: the method, "-owl" appended with a schedule)."""
+        """The shared method x sparsity loop (epts.sweep; pruner_sweep for RIA and DSnoT); one
+        results.json entry per sparsity, labelled str(s), under `label` (default: the method,
+        "-owl" appended with a schedule)."""
         label = label or (method if schedule is None else f"{method}-owl")
-        for row in epts.sweep(model, method, targets, dense, evaluate, schedule, windows=windows, cfg=cfg,
-                              device=device, base_model=path, **how):
+        if method in pruners.METHODS:
+            rows = pruner_sweep(model, method, targets, dense, evaluate, windows, device)
+        else:
+            rows = epts.sweep(model, method, targets, dense, evaluate, schedule, windows=windows,
+                              cfg=cfg, device=device, optimizer=optimize, **how)
+        for row in rows:
             out["methods"].setdefault(label, {})[str(row["sparsity"])] = row
             print(f"{os.path.basename(path)} {label:>12} {row['sparsity']:>5}: " +
                   " ".join(f"{e} {v:.3f}" for e, v in row["ppl"].items()) +
                   f"  achieved {row['achieved_sparsity']:.4f}  {row['seconds']:.1f}s", flush=True)
 
-    out["methods"]["dense"] = {"0.0": {"ppl": evaluate(), "achieved_sparsity": 0.0, "seconds": 0.0}}
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    def timed(key: str, windows: torch.Tensor, cfg: epts.EPTSConfig) -> epts.ElasticState:
+        """One EPTS optimization; its seconds go into out[key]."""
+        lap = epts.stopwatch(device)
+        state = optimize(model, windows, cfg, device)
+        out[key.replace("-", "_")] = lap()
+        return state
+
+    dense_row = {"ppl": evaluate(), "achieved_sparsity": 0.0, "seconds": 0.0}
+    out["methods"]["dense"] = {"0.0": dense_row}
+    for method in BASELINES:
         if method in a.methods:
             record(method, SPARSITIES + NM)
     if "dedicated" in a.methods:
         record("dedicated", a.dedicated)  # a dedicated N:M run trains on N:M masks
-    if "epts-nm" in a.methods:  # not the paper's recipe: the group of 0.5 also trained on 2:4 masks
-        nm_cfg = dataclasses.replace(cfg, nm_train=NM[0])
-        clock = epts.Stopwatch(device)
-        nm_state = epts.optimize(model, windows, nm_cfg, device, path, epts.Runtime())
-        out["epts_nm_optimize_seconds"] = clock.lap()
+    if "epts-nm" in a.methods:  # not the paper's: the group of 0.5 also trained on 2:4 masks
+        nm_state = timed("epts_nm_optimize_seconds", windows,
+                         dataclasses.replace(cfg, nm_train=NM[0]))
         record("epts", SPARSITIES + NM, label="epts-nm", state=nm_state)
-    if "epts-tuned" in a.methods:  # the tuned recipe (not the paper's): epts.recipe_config("tuned")
-        variants = {"epts-tuned": {}, **{f"epts-tuned-{k}": v for k, v in json.loads(a.tuned_variants).items()}}
+    grid = [s for s in GRID if s not in SPARSITIES] if a.grid else []
+    if "epts-tuned" in a.methods:  # the tuned recipe (not the paper's): recipe_config("tuned")
+        variants = {"epts-tuned": {}, **{f"epts-tuned-{k}": v
+                                         for k, v in json.loads(a.tuned_variants).items()}}
         for label, overrides in variants.items():
-            clock = epts.Stopwatch(device)
-            tuned = epts.optimize(model, windows, epts.recipe_config("tuned", epochs=a.epochs, seed=a.seed,
-                                                                     **overrides), device, path, epts.Runtime())
-            out[f"{label}_optimize_seconds".replace("-", "_")] = clock.lap()
-            out[f"{label}_gains".replace("-", "_")] = [r.low_gain if r.low_group_enabled else 0.0
-                                                       for r in tuned.reports]
-            record("epts", SPARSITIES + NM + ([s for s in GRID if s not in SPARSITIES] if a.grid else []),
-                   label=label, state=tuned)
+            tuned_cfg = config_with(epts.recipe_config("tuned", epochs=a.epochs, seed=a.seed),
+                                    overrides)
+            tuned = timed(f"{label}_optimize_seconds", windows, tuned_cfg)
+            out[f"{label}_gains".replace("-", "_")] = [r.group0_gain for r in tuned.reports]
+            record("epts", SPARSITIES + NM + grid, label=label, state=tuned)
             if "save-bf16" in a.methods and not overrides:
-                record("epts", SPARSITIES + NM, label="epts-tuned-bf16", state=as_saved(tuned, torch.bfloat16))
-    if "calib-sizes" in a.methods:  # EPTS (both recipes) on the first n of the calibration windows' draw
+                record("epts", SPARSITIES + NM, label="epts-tuned-bf16",
+                       state=as_saved(tuned, torch.bfloat16))
+    if "calib-sizes" in a.methods:  # EPTS (both recipes) on the first n windows of the same draw
         for n in a.calib_sizes:
             few = epts.calibration_windows(tok, a.calib, n, a.seqlen, a.seed)
             for recipe in ("paper", "tuned"):
-                clock = epts.Stopwatch(device)
-                st = epts.optimize(model, few, epts.recipe_config(recipe, epochs=a.epochs, seed=a.seed), device, path,
-                                   epts.Runtime())
                 label = f"epts{'-tuned' if recipe == 'tuned' else ''}-n{n}"
-                out[f"{label}_optimize_seconds".replace("-", "_")] = clock.lap()
+                st = timed(f"{label}_optimize_seconds", few,
+                           epts.recipe_config(recipe, epochs=a.epochs, seed=a.seed))
                 record("epts", [0.5, 0.7], label=label, state=st)
     if "wanda-owl" in a.methods:
         dense_norms = epts.dense_act_norms(model, windows, device)
         record("wanda", OWL, lambda s: epts.owl_sparsities(dense, dense_norms, s))
     if not {"epts", "epts-owl", "mask-only"} & set(a.methods):
         return out
-    clock = epts.Stopwatch(device)
-    state = epts.optimize(model, windows, cfg, device, path, epts.Runtime())
-    out["epts_optimize_seconds"] = clock.lap()
-    out["epts_blocks"] = [{"low_group_enabled": r.low_group_enabled, "low_check": r.low_check,
+    state = timed("epts_optimize_seconds", windows, cfg)
+    # "low_group_enabled": the key the tables read (group 0's adapter kept: a gain above 0)
+    out["epts_blocks"] = [{"low_group_enabled": r.group0_gain > 0, "low_check": r.low_check,
                            "seconds": r.seconds, "loss_first_epoch": r.loss_history[0],
                            "loss_last_epoch": r.loss_history[-1]} for r in state.reports]
-    grid = [s for s in GRID if s not in SPARSITIES] if a.grid else []
     if "epts" in a.methods:
         record("epts", SPARSITIES + NM + grid, state=state)
-    if "save-bf16" in a.methods:  # the artifact in bf16: does rounding the adapters move the perplexity?
+    if "save-bf16" in a.methods:  # the artifact in bf16: does rounding the adapters move the ppl?
         record("epts", SPARSITIES + NM, label="epts-bf16", state=as_saved(state, torch.bfloat16))
-    if "mask-only" in a.methods:  # the masks EPTS deploys (Wanda scores of the dense stream), no adapters
+    if "mask-only" in a.methods:  # the masks EPTS deploys (dense-stream Wanda scores), no adapters
         record("epts", SPARSITIES + NM + grid, label="mask-only", state=mask_only(state))
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
     top = state.groups[-1][1]
     if "epts-owl" in a.methods:
-        record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s, limits=(0.0, top)), state=state)
+        record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s,
+                                                          limits=(0.0, top)), state=state)
     return out
 
 
@@ -147,24 +220,29 @@ def fmt_table(res: dict, metric: str, methods: list[str], labels: list[str]) -> 
 
 
 def write_markdown(results: dict, path: str) -> None:
-    env = results["env"]
+    env, config = results["env"], results["config"]
     L = ["# Benchmark tables", "",
-         "Written by `bench/run_bench.py` from `bench/results.json`; do not edit by hand. Regenerate with "
-         "`python bench/run_bench.py --from bench/results.json --out bench`. What the numbers mean: "
-         "[RESULTS.md](RESULTS.md).", "",
-         f"The base run (the re-runs listed below replace some of its entries): {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, Python "
-         f"{env['python']}; wall time {env['wall_seconds']:.0f} s.", "", "Command:", "", "```", env["command"], "```", "",
-         f"Calibration: {results['config']['nsamples']} x {results['config']['seqlen']} tokens of "
-         f"`calib.txt`, seed {results['config']['seed']}; EPTS at the paper's defaults (7 groups, rank 8, "
-         f"{results['config']['epochs']} epochs, batch 1, lr 1e-3, mixer 0.1x4/0.2x3). Perplexity on "
-         "non-overlapping windows of the same length. WikiText-2 here is the tokenized release: not comparable "
-         "to papers' raw-release numbers. (The first run's settings; each re-run's command below shows its own, e.g. "
-         "`--seqlen 2048` for SmolLM2-135M.)", ""]
+         "Written by `bench/run_bench.py` from `bench/results.json`; do not edit by hand. "
+         "Regenerate with `python bench/run_bench.py --from bench/results.json --out bench`. What "
+         "the numbers mean: [RESULTS.md](RESULTS.md).", "",
+         "The base run (the re-runs listed below replace some of its entries): "
+         f"{env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, Python "
+         f"{env['python']}; wall time {env['wall_seconds']:.0f} s.", "", "Command:", "", "```",
+         env["command"], "```", "",
+         f"Calibration: {config['nsamples']} x {config['seqlen']} tokens of `calib.txt`, seed "
+         f"{config['seed']}; EPTS at the paper's defaults (7 groups, rank 8, {config['epochs']} "
+         "epochs, batch 1, lr 1e-3, mixer 0.1x4/0.2x3). Perplexity on non-overlapping windows of "
+         "the same length. WikiText-2 here is the tokenized release: not comparable to papers' "
+         "raw-release numbers. (The first run's settings; each re-run's command below shows its "
+         "own, e.g. `--seqlen 2048` for SmolLM2-135M.)", ""]
     for r in results.get("reruns", []):
-        L += [f"Re-run later for {', '.join(r['methods'])} ({r.get('env', {}).get('gpu', '?')}, "
-              f"{r.get('env', {}).get('wall_seconds', 0):.0f} s), "
-              + ("a check that did not replace those entries" if r.get("check_only") else "replacing those entries")
-              + (f" ({r['note']})" if r.get("note") else "") + ":", "", "```", r["command"], "```", ""]
+        env_r = r.get("env", {})
+        replaced = ("a check that did not replace those entries" if r.get("check_only")
+                    else "replacing those entries")
+        L += [f"Re-run later for {', '.join(r['methods'])} ({env_r.get('gpu', '?')}, "
+              f"{env_r.get('wall_seconds', 0):.0f} s), " + replaced
+              + (f" ({r['note']})" if r.get("note") else "") + ":", "", "```", r["command"],
+              "```", ""]
     labels = [str(s) for s in SPARSITIES]
     for name, res in results["models"].items():
         L += [f"## {name}", ""]
@@ -172,89 +250,111 @@ def write_markdown(results: dict, path: str) -> None:
         dense = res["methods"]["dense"]["0.0"]["ppl"]
         for e in evals:
             L += [f"Perplexity on `{e}` (dense: {dense[e]:.2f}), by sparsity:", ""]
-            L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-tuned", "epts-nm"],
-                           labels) + [""]
-        L += ["N:M patterns (what GPU sparse tensor cores run) beside unstructured 0.5; EPTS deploys the N:M mask of "
-              "the same scores with the adapters of the group holding N/M (trained on unstructured masks); the "
-              "dedicated run is trained on 2:4 masks:", ""]
+            L += fmt_table(res, e, TABLE_METHODS, labels) + [""]
+        L += ["N:M patterns (what GPU sparse tensor cores run) beside unstructured 0.5; EPTS "
+              "deploys the N:M mask of the same scores with the adapters of the group holding N/M "
+              "(trained on unstructured masks); the dedicated run is trained on 2:4 masks:", ""]
         for e in evals[:1]:
-            L += fmt_table(res, e, ["magnitude", "wanda", "sparsegpt", "dedicated", "epts", "epts-tuned", "epts-nm"],
-                           ["0.5"] + NM) + [""]
+            L += fmt_table(res, e, TABLE_METHODS, ["0.5"] + NM) + [""]
         if "mask-only" in res["methods"]:
-            grid = sorted((lab for lab in res["methods"]["mask-only"] if ":" not in lab), key=float)
-            L += ["The continuum (`--grid`): the elastic model vs. `mask-only` (the masks EPTS deploys -- Wanda scores "
-                  "of the dense stream -- with no adapters), by sparsity:", ""]
+            grid = sorted((lab for lab in res["methods"]["mask-only"] if ":" not in lab),
+                          key=float)
+            L += ["The continuum (`--grid`): the elastic model vs. `mask-only` (the masks EPTS "
+                  "deploys -- Wanda scores of the dense stream -- with no adapters), by "
+                  "sparsity:", ""]
             for e in evals[:1]:
                 L += fmt_table(res, e, ["epts", "epts-tuned", "mask-only"], grid) + [""]
             if name == next(iter(results["models"])):  # one figure holds every model
                 L += ["![ppl / dense against s](elasticity.png)", ""]
-        L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block sparsities clamped "
-              "to the trained range [0, 0.7] for EPTS:", ""]
+        L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block "
+              "sparsities clamped to the trained range [0, 0.7] for EPTS:", ""]
         for e in evals[:1]:
-            L += fmt_table(res, e, ["epts", "epts-owl", "wanda", "wanda-owl"], [str(s) for s in OWL]) + [""]
+            L += fmt_table(res, e, ["epts", "epts-owl", "wanda", "wanda-owl"],
+                           [str(s) for s in OWL]) + [""]
         m = res["methods"]
-        ach = {k: f"{m[k][str(OWL[-1])]['achieved_sparsity']:.4f}" for k in ("epts-owl", "wanda-owl") if k in m}
-        L += [f"Achieved overall sparsity at {OWL[-1]} with OWL: " + ", ".join(f"{k} {v}" for k, v in ach.items()), ""]
-        # targets
-        e0 = evals[0]
-        ep = {s: m["epts"][str(s)]["ppl"][e0] for s in SPARSITIES}
-        L += ["Targets of the paper's recipe (`epts`), on `" + e0 + "`:", ""]
-        for s in SPARSITIES:
-            w = m["wanda"][str(s)]["ppl"][e0]
-            L.append(f"- {s}: EPTS {ep[s]:.2f} vs Wanda {w:.2f} -> {'met' if ep[s] <= w else 'MISSED'}")
-        for s in (0.5, 0.6, 0.7):
-            g = m["sparsegpt"][str(s)]["ppl"][e0]
-            L.append(f"- {s}: EPTS {ep[s]:.2f} vs SparseGPT {g:.2f} -> {'met' if ep[s] <= g else 'MISSED'}")
-        for s in DEDICATED:
-            d = m["dedicated"][str(s)]["ppl"][e0]
-            L.append(f"- {s}: EPTS {ep[s]:.2f} vs 1.05 x dedicated {1.05 * d:.2f} -> "
-                     f"{'met' if ep[s] <= 1.05 * d else 'MISSED'}")
-        if "epts-tuned" in m:
-            L += ["", "Targets of the tuned recipe (`epts-tuned`), on `" + e0 + "`:", ""]
-            t = {lab: row["ppl"][e0] for lab, row in m["epts-tuned"].items()}
-            for s in SPARSITIES:
-                best = min(m["wanda"][str(s)]["ppl"][e0], m["sparsegpt"][str(s)]["ppl"][e0])
-                L.append(f"- {s}: tuned {t[str(s)]:.2f} vs min(Wanda, SparseGPT) {best:.2f} -> "
-                         f"{'met' if t[str(s)] <= best else 'MISSED'}")
-            worse = [lab for lab, row in m.get("mask-only", {}).items() if lab in t and t[lab] > row["ppl"][e0]]
-            L.append(f"- tuned <= mask-only at every grid point: {'met' if not worse else 'MISSED at ' + ', '.join(worse)}")
-            for s in DEDICATED:
-                d = m["dedicated"][str(s)]["ppl"][e0]
-                L.append(f"- {s}: tuned {t[str(s)]:.2f} vs 1.05 x dedicated {1.05 * d:.2f} -> "
-                         f"{'met' if t[str(s)] <= 1.05 * d else 'MISSED'}")
-            ratio = res["epts_tuned_optimize_seconds"] / res["epts_optimize_seconds"]
-            L.append(f"- time: tuned {res['epts_tuned_optimize_seconds']:.1f} s vs paper "
-                     f"{res['epts_optimize_seconds']:.1f} s = {ratio:.2f}x -> {'met' if ratio <= 1.3 else 'MISSED'} (<= 1.3x)")
-        ded = [m["dedicated"][str(s)]["seconds"] for s in DEDICATED]
-        mean = sum(ded) / len(ded)
-        L.append(f"- time: EPTS {res['epts_optimize_seconds']:.1f} s vs 0.5 x five dedicated runs "
-                 f"(mean of the runs at {DEDICATED}: {mean:.1f} s, x5 = {5 * mean:.1f} s) -> "
-                 f"{'met' if res['epts_optimize_seconds'] <= 0.5 * 5 * mean else 'MISSED'}")
-        blocks = res["epts_blocks"]
-        per_block = [b["seconds"]["total"] for b in blocks]
-        L += ["", f"EPTS optimization: {res['epts_optimize_seconds']:.1f} s in all, "
-                  f"{sum(per_block) / len(per_block):.2f} s per block on average "
-                  f"(Phase 1 {sum(b['seconds']['phase1'] for b in blocks) / len(blocks):.2f} s); "
-                  f"low-group adapter kept in {sum(b['low_group_enabled'] for b in blocks)} of {len(blocks)} "
-                  "blocks.", ""]
-        five = lambda k: sum(m[k][str(s)]["seconds"] for s in SPARSITIES)  # noqa: E731
-        L += ["Time to produce the five sparsities (s): " + ", ".join(
-            f"{k} {five(k):.1f}" for k in ("magnitude", "wanda", "sparsegpt")) +
-              f", EPTS {res['epts_optimize_seconds'] + five('epts'):.1f} "
-              f"(optimize once + five deploys).", ""]
-        L += calib_and_dtype_tables(res, e0)
+        ach = {k: f"{m[k][str(OWL[-1])]['achieved_sparsity']:.4f}"
+               for k in ("epts-owl", "wanda-owl") if k in m}
+        L += [f"Achieved overall sparsity at {OWL[-1]} with OWL: "
+              + ", ".join(f"{k} {v}" for k, v in ach.items()), ""]
+        L += targets(res, evals[0])
+        L += calib_and_dtype_tables(res, evals[0])
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def targets(res: dict, e0: str) -> list[str]:
+    """The targets of both recipes on `e0`, the optimization time and the time of five
+    sparsities."""
+    m = res["methods"]
+    ep = {s: m["epts"][str(s)]["ppl"][e0] for s in SPARSITIES}
+    L = ["Targets of the paper's recipe (`epts`), on `" + e0 + "`:", ""]
+    for s in SPARSITIES:
+        w = m["wanda"][str(s)]["ppl"][e0]
+        L.append(f"- {s}: EPTS {ep[s]:.2f} vs Wanda {w:.2f} -> {verdict(ep[s] <= w)}")
+    for s in (0.5, 0.6, 0.7):
+        g = m["sparsegpt"][str(s)]["ppl"][e0]
+        L.append(f"- {s}: EPTS {ep[s]:.2f} vs SparseGPT {g:.2f} -> {verdict(ep[s] <= g)}")
+    for s in DEDICATED:
+        d = m["dedicated"][str(s)]["ppl"][e0]
+        L.append(f"- {s}: EPTS {ep[s]:.2f} vs 1.05 x dedicated {1.05 * d:.2f} -> "
+                 f"{verdict(ep[s] <= 1.05 * d)}")
+    if "epts-tuned" in m:
+        L += ["", "Targets of the tuned recipe (`epts-tuned`), on `" + e0 + "`:", ""]
+        t = {lab: row["ppl"][e0] for lab, row in m["epts-tuned"].items()}
+        for s in SPARSITIES:
+            best = min(m["wanda"][str(s)]["ppl"][e0], m["sparsegpt"][str(s)]["ppl"][e0])
+            L.append(f"- {s}: tuned {t[str(s)]:.2f} vs min(Wanda, SparseGPT) {best:.2f} -> "
+                     f"{verdict(t[str(s)] <= best)}")
+        worse = [lab for lab, row in m.get("mask-only", {}).items()
+                 if lab in t and t[lab] > row["ppl"][e0]]
+        L.append("- tuned <= mask-only at every grid point: "
+                 + ("met" if not worse else "MISSED at " + ", ".join(worse)))
+        for s in DEDICATED:
+            d = m["dedicated"][str(s)]["ppl"][e0]
+            L.append(f"- {s}: tuned {t[str(s)]:.2f} vs 1.05 x dedicated {1.05 * d:.2f} -> "
+                     f"{verdict(t[str(s)] <= 1.05 * d)}")
+        tuned_s, paper_s = res["epts_tuned_optimize_seconds"], res["epts_optimize_seconds"]
+        ratio = tuned_s / paper_s
+        L.append(f"- time: tuned {tuned_s:.1f} s vs paper {paper_s:.1f} s = {ratio:.2f}x -> "
+                 f"{verdict(ratio <= 1.3)} (<= 1.3x)")
+    ded = [m["dedicated"][str(s)]["seconds"] for s in DEDICATED]
+    mean, optimize_s = sum(ded) / len(ded), res["epts_optimize_seconds"]
+    L.append(f"- time: EPTS {optimize_s:.1f} s vs 0.5 x five dedicated runs "
+             f"(mean of the runs at {DEDICATED}: {mean:.1f} s, x5 = {5 * mean:.1f} s) -> "
+             f"{verdict(optimize_s <= 0.5 * 5 * mean)}")
+    blocks = res["epts_blocks"]
+    per_block = [b["seconds"]["total"] for b in blocks]
+    phase1 = sum(b["seconds"]["phase1"] for b in blocks) / len(blocks)
+    kept = sum(b["low_group_enabled"] for b in blocks)
+    L += ["", f"EPTS optimization: {optimize_s:.1f} s in all, "
+              f"{sum(per_block) / len(per_block):.2f} s per block on average "
+              f"(Phase 1 {phase1:.2f} s); low-group adapter kept in {kept} of {len(blocks)} "
+              "blocks.", ""]
+
+    def five(k: str) -> float:
+        return sum(m[k][str(s)]["seconds"] for s in SPARSITIES)
+    # magnitude, Wanda and SparseGPT always; RIA and DSnoT where measured
+    baselines = ["magnitude", "wanda", "sparsegpt"] + [k for k in ("ria", "dsnot") if k in m]
+    L += ["Time to produce the five sparsities (s): "
+          + ", ".join(f"{k} {five(k):.1f}" for k in baselines)
+          + f", EPTS {optimize_s + five('epts'):.1f} (optimize once + five deploys).", ""]
+    return L
+
+
 def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
-    """The calibration-size ablation (calib-sizes) and the adapters rounded to bf16 (save-bf16), where measured."""
+    """The calibration-size ablation (calib-sizes) and the adapters rounded to bf16 (save-bf16),
+    where measured."""
     m, L = res["methods"], []
-    sizes = sorted({int(k.rsplit("-n", 1)[1]) for k in m if k.startswith("epts") and k.rsplit("-n", 1)[-1].isdigit()})
+    sizes = sorted({int(k.rsplit("-n", 1)[1]) for k in m
+                    if k.startswith("epts") and k.rsplit("-n", 1)[-1].isdigit()})
     if sizes:
         n_full = res.get("nsamples", 128)
-        L += [f"Calibration size: EPTS on the first n windows of the same draw (n = {n_full}: the main run), "
-              f"perplexity on `{e0}` and optimization seconds:", "",
+        L += [f"Calibration size: EPTS on the first n windows of the same draw (n = {n_full}: "
+              f"the main run), perplexity on `{e0}` and optimization seconds:", "",
               "| recipe | n | 0.5 | 0.7 | seconds |", "|---|---|---|---|---|"]
         for recipe, base in (("paper", "epts"), ("tuned", "epts-tuned")):
             for n in sizes + [None]:
@@ -267,31 +367,47 @@ def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
     for base in ("epts", "epts-tuned"):
         if f"{base}-bf16" in m:
             labels = list(m[f"{base}-bf16"])
-            worst = max(abs(m[f"{base}-bf16"][k]["ppl"][e0] / m[base][k]["ppl"][e0] - 1) for k in labels)
-            L += [f"`{base}` with its adapters rounded to bf16 (`--save-dtype bfloat16`) vs fp32, on `{e0}`: largest "
-                  f"relative change {100 * worst:.3f}% over {', '.join(labels)}.", ""]
+            worst = max(abs(m[f"{base}-bf16"][k]["ppl"][e0] / m[base][k]["ppl"][e0] - 1)
+                        for k in labels)
+            L += [f"`{base}` with its adapters rounded to bf16 (`--save-dtype bfloat16`) vs fp32, "
+                  f"on `{e0}`: largest relative change {100 * worst:.3f}% over "
+                  f"{', '.join(labels)}.", ""]
     return L
 
 
+# the figure's curves: method, marker and line style, legend; colour Ck for the k-th
+CURVES = [("epts", "o-", "EPTS (paper recipe, one run)"),
+          ("epts-tuned", "*-", "EPTS --recipe tuned (one run)"),
+          ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
+          ("wanda", "^:", "Wanda (one run per s)"),
+          ("sparsegpt", "v:", "SparseGPT (one run per s)"),
+          ("dedicated", "D", "dedicated (one run per s)"),
+          ("ria", "<:", "RIA (one run per s)"),
+          ("dsnot", ">:", "DSnoT (one run per s)")]
+
+
 def plot_elasticity(results: dict, path: str) -> None:
-    """ppl / dense against s for the elastic model, its masks alone, and the one-run-per-sparsity baselines."""
+    """ppl / dense against s for the elastic model, its masks alone, and the
+    one-run-per-sparsity baselines; a method a model lacks has no curve there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
-    fig, axes = plt.subplots(1, len(results["models"]), figsize=(5.5 * len(results["models"]), 4), squeeze=False)
+    n = len(results["models"])
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    legend = {}  # label -> one line of it, over all models, in CURVES' order below
     for ax, (name, res) in zip(axes[0], results["models"].items()):
         m = res["methods"]
         e0 = next(iter(m["dense"]["0.0"]["ppl"]))
         dense = m["dense"]["0.0"]["ppl"][e0]
-        for method, style, label in [("epts", "o-", "EPTS (paper recipe, one run)"),
-                                     ("epts-tuned", "*-", "EPTS --recipe tuned (one run)"),
-                                     ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
-                                     ("wanda", "^:", "Wanda (one run per s)"), ("sparsegpt", "v:", "SparseGPT (one run per s)"),
-                                     ("dedicated", "D", "dedicated (one run per s)")]:
-            labels = sorted((lab for lab in m.get(method, {}) if ":" not in lab), key=float)
-            ax.plot([float(lab) for lab in labels], [m[method][lab]["ppl"][e0] / dense for lab in labels], style,
-                    label=label, ms=4)
+        for color, (method, style, label) in enumerate(CURVES):
+            if method not in m:
+                continue
+            labels = sorted((lab for lab in m[method] if ":" not in lab), key=float)
+            line, = ax.plot([float(lab) for lab in labels],
+                            [m[method][lab]["ppl"][e0] / dense for lab in labels], style,
+                            color=f"C{color}", label=label, ms=4)
+            legend.setdefault(label, line)
         for lo, hi in [(0, .4), (.45, .5), (.55, .6), (.65, .7)]:
             ax.axvspan(lo, hi, color="grey", alpha=0.07)
         ax.set_yscale("log")
@@ -303,7 +419,8 @@ def plot_elasticity(results: dict, path: str) -> None:
         ax.set_ylabel("perplexity / dense (log scale)")
         ax.set_title(f"{name}: {e0}, dense {dense:.2f}")
         ax.grid(alpha=.3)
-    axes[0][0].legend(fontsize=7)
+    order = [label for _, _, label in CURVES if label in legend]
+    axes[0][0].legend([legend[label] for label in order], order, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -318,20 +435,28 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__))))
-    p.add_argument("--tuned-variants", default="{}", help="JSON name -> EPTSConfig fields: more epts-tuned-<name> runs")
+    p.add_argument("--tuned-variants", default="{}",
+                   help="JSON name -> EPTSConfig fields or epts.TunedRecipe switches over the "
+                        "tuned recipe: more epts-tuned-<name> runs")
     p.add_argument("--dedicated", nargs="+", type=epts.sparsity_arg, default=DEDICATED + NM,
                    help="sparsities (or N:M) of the dedicated runs")
     p.add_argument("--calib-sizes", nargs="+", type=int, default=[16, 32],
-                   help="calib-sizes: calibration windows of the ablation's runs (the full run gives --nsamples)")
-    p.add_argument("--merge", nargs="+", default=[], help="results.json files of fresh partial runs (run on other "
-                   "GPUs) to merge into --from, each recorded as a re-run with its own command")
+                   help="calib-sizes: calibration windows of the ablation's runs (the full run "
+                        "gives --nsamples)")
+    p.add_argument("--merge", nargs="+", default=[],
+                   help="results.json files of fresh partial runs (run on other GPUs) to merge "
+                        "into --from, each recorded as a re-run with its own command")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA,
-                   help="re-run only these; their entries replace those in the --out results.json")
-    p.add_argument("--grid", action="store_true", help="also evaluate epts and mask-only at 0.05, 0.1, ..., 0.7")
-    p.add_argument("--from", dest="previous", help="results.json to update with --methods (default: --out's); "
-                   "alone (no --models, no --merge): only rewrite --out's results_tables.md and elasticity.png from it")
+                   help="re-run only these; their entries replace those in the --out "
+                        "results.json")
+    p.add_argument("--grid", action="store_true",
+                   help="also evaluate epts and mask-only at 0.05, 0.1, ..., 0.7")
+    p.add_argument("--from", dest="previous",
+                   help="results.json to update with --methods (default: --out's); alone (no "
+                        "--models, no --merge): only rewrite --out's results_tables.md and "
+                        "elasticity.png from it")
     a = p.parse_args()
-    if a.previous and not a.merge and not a.models:  # the tables (and figure) alone, from committed numbers
+    if a.previous and not a.merge and not a.models:  # the tables and figure alone, from the file
         with open(a.previous) as f:
             results = json.load(f)
         os.makedirs(a.out, exist_ok=True)
@@ -340,12 +465,14 @@ def main() -> None:
         print(f"wrote {os.path.join(a.out, TABLES)} and elasticity.png")
         return
     if not a.merge and not (a.models and a.calib and a.eval):
-        p.error("--models, --calib and --eval are needed (unless --merge, or --from alone to rewrite the tables)")
+        p.error("--models, --calib and --eval are needed (unless --merge, or --from alone to "
+                "rewrite the tables)")
     t0 = time.perf_counter()
     results = {"config": vars(a), "models": {}}
     previous = a.previous or os.path.join(a.out, "results.json")
     partial = a.methods != METHODS
-    fresh = partial and not os.path.exists(previous)  # a partial run on its own: results.json only, merged later
+    # a partial run on its own: results.json only, merged later
+    fresh = partial and not os.path.exists(previous)
     if (partial or a.merge) and not fresh:  # keep every other entry of the previous results
         with open(previous) as f:
             results = json.load(f)
@@ -360,7 +487,8 @@ def main() -> None:
         return
     device = epts.pick_device("auto")
     if partial:
-        results.setdefault("reruns", []).append({"methods": a.methods, "command": "python " + shlex.join(sys.argv)})
+        results.setdefault("reruns", []).append({"methods": a.methods,
+                                                 "command": "python " + shlex.join(sys.argv)})
     for path in a.models:
         name = os.path.basename(path.rstrip("/"))
         new = bench_model(path, a, device)
@@ -368,28 +496,33 @@ def main() -> None:
             update(results, name, new)
         else:
             results["models"][name] = new
-        write_all(results, a, device, t0, markdown=not fresh)  # after every model: a run cut short keeps its part
+        # after every model: a run cut short keeps its part
+        write_all(results, a, device, t0, markdown=not fresh)
     if not fresh:
         print(open(os.path.join(a.out, TABLES)).read())
 
 
 def update(results: dict, name: str, new: dict) -> None:
-    """Put a partial run's entries for model `name` into `results`, replacing those of the same label."""
+    """Put a partial run's entries for model `name` into `results`, replacing those of the same
+    label."""
     model = results["models"].setdefault(name, {"methods": {}})
     model["methods"].update(new["methods"])
     model.update({k: v for k, v in new.items() if k != "methods"})
 
 
-def write_all(results: dict, a: argparse.Namespace, device: torch.device | None, t0: float, markdown: bool = True,
-              env: bool = True) -> None:
+def write_all(results: dict, a: argparse.Namespace, device: torch.device | None, t0: float,
+              markdown: bool = True, env: bool = True) -> None:
     import transformers
-    if env and a.methods != METHODS:  # the environment of the full run stays; the re-run records its own
-        results["reruns"][-1]["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    gpu = (torch.cuda.get_device_name() if device is not None and device.type == "cuda"
+           else None)
+    if env and a.methods != METHODS:  # the full run's environment stays; a re-run records its own
+        results["reruns"][-1]["env"] = {"gpu": gpu or "cpu",
                                         "wall_seconds": time.perf_counter() - t0}
     elif env:  # (a merge keeps every entry's own environment)
-        results["env"] = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "python": platform.python_version(), "wall_seconds": time.perf_counter() - t0,
+        results["env"] = {"gpu": gpu or platform.processor() or "cpu", "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "python": platform.python_version(),
+                          "wall_seconds": time.perf_counter() - t0,
                           "command": "python " + shlex.join(sys.argv)}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
