@@ -6,117 +6,30 @@ Run:  python -m pytest -q test_epts_scale.py
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
 import json
-import random
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import epts
 import epts_scale
+from conftest import cli, one_line_error, run_cli, tiny_model
 from epts import Setting
 from epts_scale import Options
 
-WORDS = ("the a model weight sparse dense block layer group mask rank adapter token loss mix "
-         "feature prune train deploy elastic low high row column score norm input output text "
-         "data batch step").split()
-
 
 # ------------------------------------------------------------------------------------- fixtures
-
-def tiny_model(arch: str, n_layers: int = 2, seed: int = 0) -> torch.nn.Module:
-    """A tiny random model; init std 0.2 so that pruning visibly changes the outputs."""
-    torch.manual_seed(seed)
-    if arch == "opt":
-        cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=n_layers, ffn_dim=64,
-                        num_attention_heads=4, max_position_embeddings=64,
-                        word_embed_proj_dim=32, init_std=0.2, dropout=0.0)
-        model = OPTForCausalLM(cfg)
-    else:  # LLaMA with grouped-query attention: 4 query heads share 2 key/value heads
-        cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=n_layers,
-                          intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=64, initializer_range=0.2)
-        model = LlamaForCausalLM(cfg)
-    return model.eval()
-
-
-def synthetic_text(n_words: int, seed: int = 0) -> str:
-    """Text with structure (each word prefers a few successors): a model has something to learn."""
-    rng = random.Random(seed)
-    succ = {w: rng.sample(WORDS, 3) for w in WORDS}
-    w, out = WORDS[0], []
-    for _ in range(n_words):
-        out.append(w)
-        w = rng.choice(succ[w]) if rng.random() < 0.9 else rng.choice(WORDS)
-    return " ".join(out)
-
-
-def save_tiny(arch: str, path: Path) -> Path:
-    """A tiny model + a word-level tokenizer in HF format, loadable without network."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)],
-                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="</s>")
-    fast.save_pretrained(path)
-    tiny_model(arch).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as each torchrun rank below: the tiny models' ops are too small to share, and
-    on a busy machine two threads wait on each other up to 50x longer (speed only)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "calib.txt").write_text(synthetic_text(3000, seed=0))
-    (root / "eval.txt").write_text(synthetic_text(1000, seed=1))
-    for arch in ("opt", "llama"):
-        save_tiny(arch, root / arch)
-    return root
 
 
 def some_windows(n: int, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 64, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
-
-def cli(tiny_dir: Path, arch: str, *extra) -> list:
-    return ["--model", str(tiny_dir / arch), "--calib", str(tiny_dir / "calib.txt"), "--eval",
-            str(tiny_dir / "eval.txt"), "--nsamples", "4", "--seqlen", "32", "--device", "cpu",
-            "--quiet", *extra]
-
-
-def run_cli(*args) -> tuple[int, str, str]:
-    """epts.main() in-process with stdout/stderr captured: (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = epts.main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line_error(code: int, err: str, message: str) -> None:
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert message in lines[0], err
 
 
 def no_work(monkeypatch) -> None:
