@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import epts
+import epts_scale
 
 WORDS = ("the a model weight sparse dense block layer group mask rank adapter token loss mix "
          "feature prune train deploy elastic low high row column score norm input output text "
@@ -101,3 +102,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def no_work(monkeypatch) -> None:
+    """Fail the test if any optimization, pruning or calibration starts: refusals come first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("work started before the inputs were checked")
+    for name in ("optimize", "prune_sequential", "prune_magnitude", "calibration_windows"):
+        monkeypatch.setattr(epts, name, boom)
+    monkeypatch.setattr(epts_scale, "optimize", boom)

@@ -2059,7 +2059,7 @@ def run(args: argparse.Namespace) -> dict:
                                            writer=scale is None or scale.process_rank() == 0,
                                            checkpoint=r["checkpoint"])
         result.update(optimize_seconds=seconds, made=f"; optimized in {seconds:.1f} s")
-        if scale is not None and scale.end_ranks(args, result):
+        if scale is not None and scale.end_ranks(r["cfg"], result):
             return result  # torchrun: ranks > 0 stop here; rank 0 evaluates and writes
     if state is not None:
         result["group0_gains"] = [rep.group0_gain for rep in state.reports]

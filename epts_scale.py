@@ -269,10 +269,10 @@ def start_ranks(args: argparse.Namespace, device: torch.device, cfg: epts.EPTSCo
     return device
 
 
-def end_ranks(args: argparse.Namespace, result: dict) -> int:
-    """After the optimization: the split recorded in `result`, the process group ended; returns
-    the rank (ranks > 0 then stop, rank 0 goes on)."""
-    slices = len(epts.phase1_slices(epts.config_from_args(args)))
+def end_ranks(cfg: epts.EPTSConfig, result: dict) -> int:
+    """After the optimization of `cfg`: the split recorded in `result`, the process group ended;
+    returns the rank (ranks > 0 then stop, rank 0 goes on)."""
+    slices = len(epts.phase1_slices(cfg))
     result.update(world_size=world_size(), groups_by_rank=groups_by_rank(slices, world_size()))
     rank = process_rank()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -532,25 +532,17 @@ def restore(model: nn.Module, windows: torch.Tensor, cfg: epts.EPTSConfig, X_den
 
 def seams(options: Options, device: torch.device, bar) -> tuple[Callable, Callable, Callable]:
     """(forward, wrap_step, dense targets) for epts.optimize_block and this process."""
+    count = epts.counting_steps(bar)  # the plain command line's progress bar, the same wrapper
     if world_size() > 1:
         forward = DistributedForward(options.reference_loop, options.low_memory)
-        return forward, lambda step, opt: counted(distributed_step(step, opt), bar), \
+        return forward, lambda step, opt: count(distributed_step(step, opt), opt), \
             distributed_targets
     graph = options.cuda_graph and device.type == "cuda" and not options.reference_loop
 
     def wrap_step(step: Callable, opt: torch.optim.Optimizer) -> Callable:
-        return counted(cuda_graph_step(step, opt) if graph else step, bar)
+        return count(cuda_graph_step(step, opt) if graph else step, opt)
     return Forward(options.reference_loop, options.low_memory), wrap_step, \
         epts.dense_targets_and_norms
-
-
-def counted(step: Callable, bar) -> Callable:
-    """`step`, advancing the progress bar by one per call."""
-    def count(*args):
-        per_group = step(*args)
-        bar.update()
-        return per_group
-    return count
 
 
 def optimize(model: nn.Module, windows: torch.Tensor, cfg: epts.EPTSConfig,

@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import epts
 import epts_scale
-from conftest import cli, one_line_error, run_cli, synthetic_text, tiny_model
+from conftest import cli, no_work, one_line_error, run_cli, synthetic_text, tiny_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,15 +110,6 @@ def saved_state(tiny_dir, tmp_path_factory) -> Path:
     args = cli(tiny_dir, "opt", "--epochs", 1, "--rank", 2, "--eval", "none", "--save", art)
     assert run_cli(*with_flag(args, "--seqlen", 16))[0] == 0
     return art
-
-
-def no_work(monkeypatch) -> None:
-    """Fail the test if any optimization, pruning or calibration starts: refusals come first."""
-    def boom(*args, **kwargs):
-        raise AssertionError("work started before the inputs were checked")
-    for name in ("optimize", "prune_sequential", "prune_magnitude", "calibration_windows"):
-        monkeypatch.setattr(epts, name, boom)
-    monkeypatch.setattr(epts_scale, "optimize", boom)
 
 
 def no_optimizing(monkeypatch) -> None:

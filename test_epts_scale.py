@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import epts
 import epts_scale
-from conftest import cli, one_line_error, run_cli, tiny_model
+from conftest import cli, no_work, one_line_error, run_cli, tiny_model
 from epts import Setting
 from epts_scale import Options
 
@@ -29,16 +29,6 @@ from epts_scale import Options
 
 def some_windows(n: int, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 64, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-
-def no_work(monkeypatch) -> None:
-    """Fail the test if any optimization or pruning starts: refusals come before any work."""
-    def boom(*a, **k):
-        raise AssertionError("work started before the inputs were checked")
-    for name in ("optimize", "prune_sequential", "prune_magnitude", "calibration_windows"):
-        monkeypatch.setattr(epts, name, boom)
-    monkeypatch.setattr(epts_scale, "optimize", boom)
 
 
 OPTIMIZE_BLOCK = inspect.signature(epts.optimize_block)  # before any test patches it

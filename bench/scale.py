@@ -309,14 +309,7 @@ def main_ranks(a: argparse.Namespace, device: torch.device) -> None:
             add_speedups(entries, shape)
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
-    end_process_group()
-
-
-def end_process_group() -> None:
-    """torchrun's process group ended (epts_scale.end_ranks does this too, but it reads the
-    command line's arguments of epts.py)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    epts_scale.end_ranks(epts.EPTSConfig(epochs=a.epochs), {})  # the process group ends
 
 
 if __name__ == "__main__":
