@@ -669,6 +669,8 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: EPTSConfig,
                                                  forward, wrap_step)
         state.add_block(i, adapters, norms, report)
         X_dense = Y
+    if cfg.tuned is not None and cfg.tuned.distill_epochs:  # not in the paper: section 9
+        distill(model, state, windows, cfg, device)
     return state
 
 
@@ -736,6 +738,8 @@ class TunedRecipe:
     stop_chain_grad: bool = True     # groups >= 1 use sg(B_0): B_0 learns from group 0's loss only
     group0_ramp: bool = True         # B_0 A_0 scaled by s / hi_0 inside group 0
     fit_gain: bool = True            # a fitted gain on B_0 A_0 in [0, 1] instead of the check
+    distill_epochs: int = 0          # end-to-end distillation after the block-wise pass (off)
+    distill_lr: float = 1e-4         # its Adam rate, cosine-annealed to 0
 
 
 def recipe_config(recipe: str = "paper", **overrides) -> EPTSConfig:
@@ -808,6 +812,97 @@ def fit_group0_gain(block: nn.Module, layers: dict[str, TunedHiLoRALinear], X_de
     return best, {"relative_loss": relative.tolist(), "mask_only": losses[0].tolist()}
 
 
+
+# The last switch adds a stage: after the block-wise pass, all adapters of all blocks learn
+# together from the dense model's next-token distribution. The block-wise loss sees one block at a
+# time; this stage sees what the errors of all blocks do to the output.
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_dense || p_s), averaged over tokens: sum_v p_dense(v) (log p_dense(v) - log p_s(v))."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    student = student_logits.float().log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+@contextlib.contextmanager
+def elastic_model(model: nn.Module, state: ElasticState, cfg: EPTSConfig,
+                  generator: torch.Generator):
+    """The whole model with a TunedHiLoRALinear holding the state's adapters and its block's gain
+    in place of every pruned linear (masks as deploy ranks them), only the adapters trainable.
+    Yields the layers by key; the original linears and flags are back afterwards."""
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    layers = {}
+    for key, base in pruned_linears(model).items():
+        scores = wanda_scores(base.weight, state.act_norms[key].to(base.weight.device))
+        extra = None if cfg.nm_train is None else nm_ranks(scores, pattern(cfg.nm_train)[1])
+        layer = TunedHiLoRALinear(base, ranks_for(scores, None), len(state.groups), state.rank,
+                                  generator, extra, recipe=state.tuned, top0=state.groups[0][1])
+        A, B = state.adapters[key]
+        layer.A.data.copy_(A)
+        layer.B.data.copy_(B)
+        layer.gain = state.reports[block_of(key)].group0_gain
+        swap_module(decoder_blocks(model)[block_of(key)], key.split(".", 1)[1], layer)
+        layers[key] = layer
+    try:
+        yield layers
+    finally:
+        for key, layer in layers.items():
+            swap_module(decoder_blocks(model)[block_of(key)], key.split(".", 1)[1], layer.base)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+
+
+def logits_at(model: nn.Module, layers: dict[str, HiLoRALinear], window: torch.Tensor,
+              setting: Setting) -> torch.Tensor:
+    """The model's next-token logits with every elastic layer at `setting`."""
+    for layer in layers.values():
+        layer.setting = setting
+    return model(window, use_cache=False).logits
+
+
+def distill(model: nn.Module, state: ElasticState, windows: torch.Tensor, cfg: EPTSConfig,
+            device: str | torch.device = "cpu", on_step: Callable | None = None) -> list[float]:
+    """End-to-end distillation of every adapter at once, in place in `state`. Step t takes one
+    calibration window (a new order every epoch) and the Phase-1 slices in turn (group k, or
+    --nm-train's N:M slice), draws s in that slice as Phase 1 does, and takes an Adam step on
+
+        KL(p(x; W) || p(x; W_s))      (the dense model's distribution is the target)
+
+    at the cosine-annealed rate, on `device`; on_step() after each (a progress bar). Returns the
+    mean loss per epoch."""
+    epochs, device = cfg.tuned.distill_epochs, torch.device(device)
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
+    slices, total = phase1_slices(cfg), epochs * len(windows)
+    draws = phase1_draws(cfg, total, generator)
+    home = next(model.parameters()).device
+    model.to(device).eval()
+    with elastic_model(model, state, cfg, generator) as layers:
+        params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+        opt = torch.optim.Adam(params, lr=cfg.tuned.distill_lr)
+        history = []
+        for epoch in range(epochs):
+            order, epoch_loss = torch.randperm(len(windows), generator=generator), 0.0
+            for t, w in enumerate(order.tolist(), start=epoch * len(windows)):
+                window, g = windows[w:w + 1].to(device), t % len(slices)
+                with torch.no_grad():
+                    teacher = logits_at(model, layers, window, Setting(0.0, None))
+                student = logits_at(model, layers, window, Setting(float(draws[t, g]), *slices[g]))
+                opt.param_groups[0]["lr"] = cosine_lr(t, total, cfg.tuned.distill_lr)
+                opt.zero_grad(set_to_none=True)
+                loss = distill_loss(student, teacher)
+                loss.backward()
+                opt.step()
+                epoch_loss += loss.detach()
+                if on_step:
+                    on_step()
+            history.append(float(epoch_loss) / len(windows))
+        state.adapters.update({key: (l.A.detach().float().cpu(), l.B.detach().float().cpu())
+                               for key, l in layers.items()})
+    model.to(home)
+    return history
+
+
 # ===== harness: nothing below changes the math =====
 
 import argparse  # noqa: E402 - the harness's imports: the method above needs none of them
@@ -853,6 +948,10 @@ def validate_config(cfg: EPTSConfig) -> None:
         raise EPTSError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.nm_train is not None:
         group_of(pattern(cfg.nm_train)[0], groups)  # N/M must lie in a trained group
+    if cfg.tuned is not None and (cfg.tuned.distill_epochs < 0 or not (
+            cfg.tuned.distill_lr > 0 and math.isfinite(cfg.tuned.distill_lr))):
+        raise EPTSError("--distill-epochs must be 0 or more and --distill-lr a positive number, "
+                        f"got {cfg.tuned.distill_epochs}, {cfg.tuned.distill_lr}")
     (lo, hi), low = groups[0], cfg.low_check_sparsity
     if low is not None and not lo < low <= hi:
         raise EPTSError(f"the low-group check sparsity {low} must lie in group 0 = ({lo}, {hi}]")
@@ -1549,6 +1648,11 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nm-train", type=functools.partial(sparsity_arg, kinds="N:M"), metavar="N:M",
                    help="not in the paper: train the group holding N/M also on N:M masks (one "
                         "more Phase-1 slice, ~1/7 more time), for deployment at N:M")
+    p.add_argument("--distill-epochs", type=int, default=0, help="with --recipe tuned (not in "
+                   "the paper): epochs of end-to-end distillation of all adapters against the "
+                   "dense model's next-token distribution, after the block-wise pass (0: off)")
+    p.add_argument("--distill-lr", type=float, default=TunedRecipe().distill_lr,
+                   help="Adam learning rate of --distill-epochs, cosine-annealed")
     p.add_argument("--groups", type=float, nargs="+", default=[hi for _, hi in d.groups],
                    metavar="HI", help="upper ends of the sparsity groups; group k is "
                    "(HI_{k-1}, HI_k], starting at 0")
@@ -1634,10 +1738,14 @@ def config_from_args(args: argparse.Namespace) -> EPTSConfig:
     low = EPTSConfig().low_check_sparsity
     if not groups[0][0] < low <= groups[0][1]:  # other --groups: 0.3 is 3/4 of group 0 = (0, 0.4]
         low = 0.75 * groups[0][1]
-    rank = {} if args.rank is None else {"rank": args.rank}
+    extra = {} if args.rank is None else {"rank": args.rank}
+    if args.distill_epochs:
+        if args.recipe != "tuned":
+            raise EPTSError("--distill-epochs is part of the tuned recipe: add --recipe tuned")
+        extra["tuned"] = TunedRecipe(distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
     cfg = recipe_config(args.recipe, groups=groups, mixer=tuple(args.mixer), epochs=args.epochs,
                         lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                        low_check_sparsity=low, nm_train=args.nm_train, **rank)
+                        low_check_sparsity=low, nm_train=args.nm_train, **extra)
     validate_config(cfg)
     for flag, value, least in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
                                ("--eval-batch-size", args.eval_batch_size, 1),

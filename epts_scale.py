@@ -253,6 +253,8 @@ def start_ranks(args: argparse.Namespace, device: torch.device, cfg: epts.EPTSCo
     if args.method != "epts" or args.load:
         raise EPTSError(f"torchrun splits EPTS's optimization over ranks; --method {args.method}"
                         f"{' --load' * bool(args.load)} runs in one process: python epts.py")
+    if cfg.tuned is not None and cfg.tuned.distill_epochs:
+        raise EPTSError("--distill-epochs trains the whole model in one process: python epts.py")
     if world > n_slices:
         raise EPTSError(f"torchrun started {world} ranks, but Phase 1 has {n_slices} group slices "
                         f"to split: use --nproc-per-node {n_slices} or fewer")
@@ -579,7 +581,19 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: epts.EPTSConfig,
             X_dense = Y
             if options.checkpoint and process_rank() == 0:  # every rank can read it to resume
                 save_checkpoint(options.checkpoint, state, cfg, i + 1, X_dense, X_mix, windows)
+    if cfg.tuned is not None and cfg.tuned.distill_epochs:  # the tuned recipe's last stage
+        distill(model, state, windows, cfg, device, options)
     return state
+
+
+def distill(model: nn.Module, state: epts.ElasticState, windows: torch.Tensor,
+            cfg: epts.EPTSConfig, device: torch.device, options: Options = Options()
+            ) -> list[float]:
+    """epts.distill in bf16 autocast (CUDA), with a progress bar."""
+    steps = cfg.tuned.distill_epochs * len(windows)
+    with tqdm(total=steps, desc="distill", unit="step", disable=not options.verbose) as bar, \
+            torch.autocast(device.type, torch.bfloat16, options.amp and device.type == "cuda"):
+        return epts.distill(model, state, windows, cfg, device, on_step=bar.update)
 
 
 # 7. 2:4 kernels: cuSPARSELt where a timed probe finds it faster, the dense weight elsewhere --

@@ -518,7 +518,10 @@ def test_the_tuned_recipe_is_four_named_switches_and_rank_32_on_top_of_the_paper
     paper, tuned = epts.recipe_config("paper"), epts.recipe_config("tuned", epochs=3)
     assert paper == epts.EPTSConfig()                        # the default stays the paper's
     assert tuned == epts.EPTSConfig(rank=32, epochs=3, tuned=epts.TunedRecipe())
-    assert all(vars(epts.TunedRecipe()).values())
+    switches = vars(epts.TunedRecipe())
+    assert all(switches[k] for k in ("group0_dense_input", "stop_chain_grad", "group0_ramp",
+                                     "fit_gain"))
+    assert switches["distill_epochs"] == 0                   # the distillation stage: opt-in
     assert epts.dedicated_config(tuned, 0.5).tuned is None   # a dedicated run stays the baseline
     with pytest.raises(epts.EPTSError, match="unknown recipe"):
         epts.recipe_config("best")
@@ -626,6 +629,69 @@ def test_tuned_recipe_end_to_end_saves_loads_and_deploys_the_same_weights(tmp_pa
         assert all(torch.equal(a[k], v.weight) for k, v in epts.pruned_linears(model).items())
         assert epts.measured_sparsity(model) > 0
     epts.restore_dense(model, dense)
+
+
+def distilled_setup():
+    """A 2-block LLaMA, its tuned elastic state (block-wise only) and the calibration windows."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 64, (6, 32), generator=torch.Generator().manual_seed(3))
+    cfg = epts.recipe_config("tuned", rank=2, epochs=2, batch_size=2)
+    return model, epts.optimize(model, windows, cfg), windows, cfg
+
+
+def test_distillation_trains_the_weights_deploy_writes():
+    """elastic_model's layers at (s, group_of(s)) give the logits of the model deploy(s) writes,
+    in every group (group 0 with its ramp and fitted gain), and s = 0 is the dense model."""
+    model, state, windows, cfg = distilled_setup()
+    dense = epts.snapshot_linears(model)
+    with torch.no_grad():
+        dense_logits = model(windows).logits
+        with epts.elastic_model(model, state, cfg, torch.Generator()) as layers:
+            elastic = {s: epts.logits_at(model, layers, windows, epts.Setting(s, k))
+                       for s, k in ((0.0, None), (0.2, 0), (0.5, 2), (0.7, 6))}
+        for s in (0.2, 0.5, 0.7):
+            epts.deploy(model, state, s, dense)
+            torch.testing.assert_close(elastic[s], model(windows).logits)
+    torch.testing.assert_close(elastic[0.0], dense_logits)
+    epts.restore_dense(model, dense)
+    assert all(type(m) is not epts.TunedHiLoRALinear for m in model.modules())  # put back
+
+
+def test_distillation_moves_the_sparse_models_toward_the_dense_one():
+    """KL(p_dense || p_s) on the calibration windows drops at trained sparsities; the dense model
+    and the adapters' shapes stay as they were."""
+    model, state, windows, cfg = distilled_setup()
+    cfg = epts.recipe_config("tuned", rank=2, tuned=epts.TunedRecipe(distill_epochs=4,
+                                                                     distill_lr=1e-2))
+    before = {k: (A.clone(), B.clone()) for k, (A, B) in state.adapters.items()}
+    dense = epts.snapshot_linears(model)
+
+    def kl(s):
+        with torch.no_grad():
+            teacher = model(windows).logits
+            epts.deploy(model, state, s, dense)
+            loss = epts.distill_loss(model(windows).logits, teacher)
+            epts.restore_dense(model, dense)
+        return float(loss)
+    start = [kl(s) for s in (0.45, 0.6, 0.7)]
+    history = epts.distill(model, state, windows, cfg)
+    assert len(history) == 4 and history[-1] < history[0]
+    assert all(after < first for after, first in zip([kl(s) for s in (0.45, 0.6, 0.7)], start))
+    assert all(torch.equal(lin.weight, dense[k]) for k, lin in epts.pruned_linears(model).items())
+    assert {k: (A.shape, B.shape) for k, (A, B) in state.adapters.items()} == \
+        {k: (A.shape, B.shape) for k, (A, B) in before.items()}
+    assert any(not torch.equal(state.adapters[k][1], B) for k, (_, B) in before.items())
+
+
+def test_optimize_distills_after_the_block_wise_pass_only_when_asked(monkeypatch):
+    model, state, windows, cfg = distilled_setup()
+    calls = []
+    monkeypatch.setattr(epts, "distill", lambda *a, **k: calls.append(a[3].tuned.distill_epochs))
+    epts.optimize(model, windows, cfg)
+    assert calls == []
+    epts.optimize(model, windows, epts.recipe_config(
+        "tuned", rank=2, epochs=1, tuned=epts.TunedRecipe(distill_epochs=2)))
+    assert calls == [2]
 
 
 # 8. The method on its own, in the paper's order ------------------------------------------------
@@ -840,6 +906,11 @@ def test_a_sparsity_the_run_cannot_apply_is_one_line_before_any_work(tiny_dir, m
     pytest.param(["--mixer", *["0.5"] * 7], "sum to 1", id="mixer sum"),
     pytest.param(["--mixer", "nan", "0", "0", "0", "0", "0", "1"],
                  "mixer weights must be non-negative", id="mixer nan"),
+    pytest.param(["--distill-epochs", "2"], "add --recipe tuned", id="distill on paper"),
+    pytest.param(["--recipe", "tuned", "--distill-epochs", "-1"], "--distill-epochs must be 0",
+                 id="distill epochs negative"),
+    pytest.param(["--recipe", "tuned", "--distill-epochs", "1", "--distill-lr", "0"],
+                 "--distill-lr a positive number", id="distill lr 0"),
 ])
 def test_a_setting_the_method_cannot_run_with_is_one_line_before_any_work(tiny_dir, monkeypatch,
                                                                           extra, message):
@@ -1600,6 +1671,15 @@ def test_recipe_tuned_on_the_command_line_is_the_tuned_recipe_with_rank_32():
     assert epts.config_from_args(ranked).rank == 4
     paper = epts.config_from_args(epts.parse_args(["--model", "m"]))
     assert paper.tuned is None and paper.rank == 8
+    distilled = epts.parse_args(["--model", "m", "--recipe", "tuned", "--distill-epochs", "3"])
+    assert epts.config_from_args(distilled).tuned == epts.TunedRecipe(distill_epochs=3)
+
+
+def test_recipe_tuned_with_distillation_runs_end_to_end_with_a_progress_bar(tiny_dir):
+    args = [a for a in cli(tiny_dir, "llama", "--recipe", "tuned", "--rank", 2, "--epochs", 1,
+                           "--distill-epochs", 2, "--sparsities", 0.5) if a != "--quiet"]
+    code, out, err = run_cli(*args)
+    assert code == 0 and "distill" in err and "0.50" in out
 
 
 # the newcomer's path -----------------------------------------------------------------------------

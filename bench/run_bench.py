@@ -22,6 +22,7 @@ from bench/pruners.py, in the sequential loop of Wanda and SparseGPT.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -150,6 +151,25 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         out[key.replace("-", "_")] = lap()
         return state
 
+    blockwise: dict[str, tuple[epts.ElasticState, float]] = {}
+
+    def tuned_run(key: str, cfg: epts.EPTSConfig) -> epts.ElasticState:
+        """timed() for the tuned recipe; runs that differ only in the distillation stage share
+        one block-wise pass (a copy of its state is distilled): their seconds are that pass's
+        plus their own distillation's."""
+        first = dataclasses.replace(cfg, tuned=dataclasses.replace(cfg.tuned, distill_epochs=0))
+        if repr(first) not in blockwise:
+            blockwise[repr(first)] = (timed(key, windows, first), out[key.replace("-", "_")])
+        state, seconds = copy.deepcopy(blockwise[repr(first)][0]), blockwise[repr(first)][1]
+        if cfg.tuned.distill_epochs:
+            lap = epts.stopwatch(device)
+            out[key.replace("-", "_").replace("_optimize_seconds", "_distill_losses")] = \
+                epts_scale.distill(model, state, windows, cfg, device,
+                                   epts_scale.Options(verbose=False))
+            seconds += lap()
+        out[key.replace("-", "_")] = seconds
+        return state
+
     dense_row = {"ppl": evaluate(), "achieved_sparsity": 0.0, "seconds": 0.0}
     out["methods"]["dense"] = {"0.0": dense_row}
     for method in BASELINES:
@@ -163,12 +183,12 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         record("epts", SPARSITIES + NM, label="epts-nm", state=nm_state)
     grid = [s for s in GRID if s not in SPARSITIES] if a.grid else []
     if "epts-tuned" in a.methods:  # the tuned recipe (not the paper's): recipe_config("tuned")
-        variants = {"epts-tuned": {}, **{f"epts-tuned-{k}": v
-                                         for k, v in json.loads(a.tuned_variants).items()}}
+        variants = {} if a.variants_only else {"epts-tuned": {}}
+        variants.update({f"epts-tuned-{k}": v for k, v in json.loads(a.tuned_variants).items()})
         for label, overrides in variants.items():
             tuned_cfg = config_with(epts.recipe_config("tuned", epochs=a.epochs, seed=a.seed),
                                     overrides)
-            tuned = timed(f"{label}_optimize_seconds", windows, tuned_cfg)
+            tuned = tuned_run(f"{label}_optimize_seconds", tuned_cfg)
             out[f"{label}_gains".replace("-", "_")] = [r.group0_gain for r in tuned.reports]
             record("epts", SPARSITIES + NM + grid, label=label, state=tuned)
             if "save-bf16" in a.methods and not overrides:
@@ -239,8 +259,9 @@ def write_markdown(results: dict, path: str) -> None:
         env_r = r.get("env", {})
         replaced = ("a check that did not replace those entries" if r.get("check_only")
                     else "replacing those entries")
-        L += [f"Re-run later for {', '.join(r['methods'])} ({env_r.get('gpu', '?')}, "
-              f"{env_r.get('wall_seconds', 0):.0f} s), " + replaced
+        wall = f", {env_r['wall_seconds']:.0f} s" if "wall_seconds" in env_r else ""
+        L += [f"Re-run later for {', '.join(r['methods'])} ({env_r.get('gpu', '?')}{wall}), "
+              + replaced
               + (f" ({r['note']})" if r.get("note") else "") + ":", "", "```", r["command"],
               "```", ""]
     labels = [str(s) for s in SPARSITIES]
@@ -413,8 +434,8 @@ def plot_elasticity(results: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_yticks([1, 1.1, 1.25, 1.5, 2, 3, 5, 7])
-        ax.set_ylim(0.97, None)
+        ax.set_yticks([1, 1.1, 1.25, 1.5, 2, 3, 5, 7, 10])
+        ax.set_ylim(0.97, 10)  # higher (the baselines' collapse at 0.7) is cut off
         ax.set_xlabel("sparsity s (shaded: groups 0, 2, 4, 6)")
         ax.set_ylabel("perplexity / dense (log scale)")
         ax.set_title(f"{name}: {e0}, dense {dense:.2f}")
@@ -438,6 +459,8 @@ def main() -> None:
     p.add_argument("--tuned-variants", default="{}",
                    help="JSON name -> EPTSConfig fields or epts.TunedRecipe switches over the "
                         "tuned recipe: more epts-tuned-<name> runs")
+    p.add_argument("--variants-only", action="store_true",
+                   help="epts-tuned: run only the --tuned-variants, not the tuned recipe itself")
     p.add_argument("--dedicated", nargs="+", type=epts.sparsity_arg, default=DEDICATED + NM,
                    help="sparsities (or N:M) of the dedicated runs")
     p.add_argument("--calib-sizes", nargs="+", type=int, default=[16, 32],

@@ -35,6 +35,7 @@ parallel efficiency measured at the largest N (ideal time / measured time), for 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -161,6 +162,55 @@ def measure(name: str, shape: dict, a: argparse.Namespace, device: torch.device)
     return out
 
 
+def random_state(model, cfg: epts.EPTSConfig) -> epts.ElasticState:
+    """An elastic state of random adapters (B ~ N(0, 1e-4)) for timing: the values do not change
+    the time."""
+    state = epts.ElasticState(list(cfg.groups), list(cfg.mixer), cfg.rank, cfg.tuned)
+    K, r, g = len(cfg.groups), cfg.rank, torch.Generator().manual_seed(0)
+    for key, lin in epts.pruned_linears(model).items():
+        out_f, in_f = lin.weight.shape
+        state.adapters[key] = (torch.randn(K, r, in_f, generator=g) / in_f ** 0.5,
+                               torch.randn(K, out_f, r, generator=g) * 1e-4)
+        state.act_norms[key] = torch.ones(in_f)
+    state.reports = [epts.BlockReport() for _ in epts.decoder_blocks(model)]
+    return state
+
+
+def measure_tuned(name: str, shape: dict, a: argparse.Namespace, device: torch.device) -> dict:
+    """The tuned recipe at this shape: its block-wise pass on --blocks blocks, as measure() times
+    the paper's, and the distillation stage's seconds per step on models of --blocks and 2 x
+    --blocks blocks, extrapolated linearly to the shape's layers. Projection: n_layers x the
+    tuned per-block stages (10 epochs) + --distill-epochs x nsamples x the step."""
+    cfg = epts.recipe_config("tuned", epochs=a.epochs,
+                             tuned=epts.TunedRecipe(distill_epochs=1))
+    model, windows = build(shape, a.blocks, a.seqlen, device), random_windows(shape, a)
+    blockwise = dataclasses.replace(cfg, tuned=epts.TunedRecipe())
+    epts_scale.optimize(model, windows[:2], blockwise, device)  # warm-up (torch.compile)
+    stages = per_stage(epts_scale.optimize(model, windows, blockwise, device).reports)
+    del model
+    step = {}
+    for n_blocks in (a.blocks, 2 * a.blocks):
+        model = build(shape, n_blocks, a.seqlen, device)
+        state = random_state(model, cfg)
+        with torch.autocast(device.type, torch.bfloat16, device.type == "cuda"):
+            epts.distill(model, state, windows[:2], cfg, device)  # warm-up
+            lap = epts.stopwatch(device)
+            epts.distill(model, state, windows[:a.distill_steps], cfg, device)
+            step[n_blocks] = lap() / a.distill_steps
+        del model
+    per_layer = (step[2 * a.blocks] - step[a.blocks]) / a.blocks
+    at_shape = step[a.blocks] + per_layer * (shape["layers"] - a.blocks)
+    distill_hours = a.distill_epochs * a.nsamples * at_shape / 3600
+    out = {"rank": cfg.rank, "per_block_seconds_measured": stages,
+           "distill_seconds_per_step_measured": {str(k): v for k, v in step.items()},
+           "distill_seconds_per_step_at_shape": at_shape, "distill_epochs": a.distill_epochs,
+           "projected_blockwise_hours_10_epochs": hours(shape, stages, a.epochs),
+           "projected_distill_hours": distill_hours,
+           "projected_total_hours": hours(shape, stages, a.epochs) + distill_hours}
+    print(f"{name} tuned: {json.dumps(out, indent=1)}", flush=True)
+    return out
+
+
 def per_stage(reports) -> dict[str, float]:
     return {k: sum(r.seconds.get(k, 0.0) for r in reports) / len(reports)
             for k in ("targets", "phase1", "low_check", "phase2", "total")}
@@ -262,6 +312,10 @@ def main() -> None:
                    help="torchrun: time the low-memory path instead")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="torchrun with N = 1: eager steps, as N > 1 runs")
+    p.add_argument("--tuned", action="store_true", help="measure the tuned recipe and its "
+                   "distillation stage instead (models[shape]['tuned'])")
+    p.add_argument("--distill-epochs", type=int, default=8, help="--tuned: the projection's")
+    p.add_argument("--distill-steps", type=int, default=8, help="--tuned: distillation steps timed")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "scale.json"))
     a = p.parse_args()
@@ -285,7 +339,10 @@ def main() -> None:
     for name, shape in (TINY if a.tiny else SHAPES).items():
         if name not in (a.shapes or (TINY if a.tiny else DEFAULT)):
             continue
-        res["models"][name] = measure(name, shape, a, device)
+        if a.tuned:
+            res["models"].setdefault(name, {})["tuned"] = measure_tuned(name, shape, a, device)
+        else:
+            res["models"][name] = measure(name, shape, a, device)
         env.setdefault("commands", {})[name] = "python " + " ".join(sys.argv)
         with open(a.out, "w") as f:  # after every shape: a run cut short keeps what it finished
             json.dump(res, f, indent=1)
