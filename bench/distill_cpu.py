@@ -1,0 +1,77 @@
+"""The distillation stage (epts.distill, not in the paper) measured on the CPU: one tuned
+block-wise pass, then each variant (epochs:lr) distills a copy of that state; perplexity on the
+first 64 windows of the eval text at 0.1, 0.3, 0.5, 0.6 and 0.7.
+
+    python bench/distill_cpu.py --model ../shared/models/llama-mini --nsamples 32 --seqlen 256 \
+        --epochs 2 --variants 1:1e-4 1:3e-4 4:1e-4 4:3e-5 8:1e-4 --out bench/distill_cpu.json
+
+Results go into --out under the model's folder name, with the command (other entries are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import epts  # noqa: E402
+import epts_scale  # noqa: E402
+
+SPARSITIES = [0.1, 0.3, 0.5, 0.6, 0.7]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="../shared/models/llama-mini")
+    p.add_argument("--calib", default="../shared/data/calib.txt")
+    p.add_argument("--eval", default="../shared/data/wikitext2/test.txt")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=2, help="Phase-1 epochs of the block-wise pass")
+    p.add_argument("--variants", nargs="+", default=["4:1e-4"], help="distill epochs:lr")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "distill_cpu.json"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+    model, tok = epts.load_model(a.model, "float32", torch.device("cpu"), verbose=False)
+    windows = epts.calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
+    tokens = epts.eval_tokens(tok, a.eval, a.seqlen)[: 64 * a.seqlen]
+    dense = epts.snapshot_linears(model)
+
+    def evaluate(state: epts.ElasticState) -> dict[str, float]:
+        ppl = {}
+        for s in SPARSITIES:
+            epts.deploy(model, state, s, dense)
+            ppl[str(s)] = epts.perplexity(model, tokens, a.seqlen)
+        epts.restore_dense(model, dense)
+        return ppl
+
+    res = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+           "dense": epts.perplexity(model, tokens, a.seqlen)}
+    cfg = epts.recipe_config("tuned", epochs=a.epochs)
+    t0 = time.perf_counter()
+    state = epts_scale.optimize(model, windows, cfg, "cpu", epts_scale.Options(verbose=False))
+    res["tuned"] = {"seconds": time.perf_counter() - t0, "ppl": evaluate(state)}
+    print("tuned", res["tuned"], flush=True)
+    for variant in a.variants:
+        epochs, lr = variant.split(":")
+        recipe = dataclasses.replace(cfg.tuned, distill_epochs=int(epochs), distill_lr=float(lr))
+        distilled = copy.deepcopy(state)
+        t0 = time.perf_counter()
+        losses = epts.distill(model, distilled, windows, dataclasses.replace(cfg, tuned=recipe))
+        res[f"distill {variant}"] = {"seconds": time.perf_counter() - t0, "losses": losses,
+                                     "ppl": evaluate(distilled)}
+        print(f"distill {variant}", res[f"distill {variant}"], flush=True)
+    everything = json.load(open(a.out)) if os.path.exists(a.out) else {}
+    everything[os.path.basename(a.model.rstrip("/"))] = res
+    with open(a.out, "w") as f:
+        json.dump(everything, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
