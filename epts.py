@@ -728,7 +728,8 @@ def deploy(model: nn.Module, state: ElasticState, sparsity: float | str | Sequen
 #
 # Four switches on top of the paper's recipe, all about group 0's adapter, which the paper's
 # low-group check keeps in only 1 of 30 blocks of SmolLM2-135M. bench/RESULTS.md measures each
-# alone. recipe_config("tuned") or `--recipe tuned` turns them on, with rank 32.
+# alone. recipe_config("tuned") or `--recipe tuned` turns them on, with rank 32. An optional
+# end-to-end distillation stage closes the section (off unless asked for).
 
 @dataclass
 class TunedRecipe:
@@ -812,10 +813,9 @@ def fit_group0_gain(block: nn.Module, layers: dict[str, TunedHiLoRALinear], X_de
     return best, {"relative_loss": relative.tolist(), "mask_only": losses[0].tolist()}
 
 
-
-# The last switch adds a stage: after the block-wise pass, all adapters of all blocks learn
-# together from the dense model's next-token distribution. The block-wise loss sees one block at a
-# time; this stage sees what the errors of all blocks do to the output.
+# TunedRecipe's last two fields add a stage, off by default (--distill-epochs): after the block-wise
+# pass, all adapters of all blocks learn together from the dense model's next-token distribution.
+# The block-wise loss sees one block at a time; this stage sees what all their errors do together.
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_dense || p_s), averaged over tokens: sum_v p_dense(v) (log p_dense(v) - log p_s(v))."""
