@@ -1,6 +1,7 @@
 """The distillation stage (epts.distill, not in the paper) measured on the CPU: one tuned
 block-wise pass, then each variant (epochs:lr) distills a copy of that state; perplexity on the
-first 64 windows of the eval text at 0.1, 0.3, 0.5, 0.6 and 0.7.
+first 64 windows of the eval text at 0.1, 0.3, 0.5, 0.6 and 0.7 (--nm-train N:M: also at N:M,
+beside a dedicated N:M run).
 
     python bench/distill_cpu.py --model ../shared/models/llama-mini --nsamples 32 --seqlen 256 \
         --epochs 2 --variants 1:1e-4 1:3e-4 4:1e-4 4:3e-5 8:1e-4 --out bench/distill_cpu.json
@@ -35,6 +36,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--epochs", type=int, default=2, help="Phase-1 epochs of the block-wise pass")
     p.add_argument("--variants", nargs="+", default=["4:1e-4"], help="distill epochs:lr")
+    p.add_argument("--nm-train", help="N:M: train the tuned recipe with --nm-train, evaluate N:M "
+                   "too, and run a dedicated N:M run beside it")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "distill_cpu.json"))
     a = p.parse_args()
     torch.manual_seed(0)
@@ -43,9 +46,11 @@ def main() -> None:
     tokens = epts.eval_tokens(tok, a.eval, a.seqlen)[: 64 * a.seqlen]
     dense = epts.snapshot_linears(model)
 
-    def evaluate(state: epts.ElasticState) -> dict[str, float]:
+    targets = SPARSITIES + ([a.nm_train] if a.nm_train else [])
+
+    def evaluate(state: epts.ElasticState, at: list = targets) -> dict[str, float]:
         ppl = {}
-        for s in SPARSITIES:
+        for s in at:
             epts.deploy(model, state, s, dense)
             ppl[str(s)] = epts.perplexity(model, tokens, a.seqlen)
         epts.restore_dense(model, dense)
@@ -53,7 +58,14 @@ def main() -> None:
 
     res = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
            "dense": epts.perplexity(model, tokens, a.seqlen)}
-    cfg = epts.recipe_config("tuned", epochs=a.epochs)
+    cfg = epts.recipe_config("tuned", epochs=a.epochs, nm_train=a.nm_train)
+    if a.nm_train:  # the reference: one run trained on N:M masks alone
+        t0 = time.perf_counter()
+        dedicated = epts_scale.optimize(model, windows, epts.dedicated_config(cfg, a.nm_train),
+                                        "cpu", epts_scale.Options(verbose=False))
+        res["dedicated"] = {"seconds": time.perf_counter() - t0,
+                            "ppl": evaluate(dedicated, [a.nm_train])}
+        print("dedicated", res["dedicated"], flush=True)
     t0 = time.perf_counter()
     state = epts_scale.optimize(model, windows, cfg, "cpu", epts_scale.Options(verbose=False))
     res["tuned"] = {"seconds": time.perf_counter() - t0, "ppl": evaluate(state)}
@@ -68,7 +80,8 @@ def main() -> None:
                                      "ppl": evaluate(distilled)}
         print(f"distill {variant}", res[f"distill {variant}"], flush=True)
     everything = json.load(open(a.out)) if os.path.exists(a.out) else {}
-    everything[os.path.basename(a.model.rstrip("/"))] = res
+    name = os.path.basename(a.model.rstrip("/"))
+    everything[name + (f" --nm-train {a.nm_train}" if a.nm_train else "")] = res
     with open(a.out, "w") as f:
         json.dump(everything, f, indent=1)
 
