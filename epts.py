@@ -827,28 +827,26 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 @contextlib.contextmanager
 def elastic_model(model: nn.Module, state: ElasticState, cfg: EPTSConfig,
                   generator: torch.Generator):
-    """The whole model with a TunedHiLoRALinear holding the state's adapters and its block's gain
-    in place of every pruned linear (masks as deploy ranks them), only the adapters trainable.
-    Yields the layers by key; the original linears and flags are back afterwards."""
+    """The whole model with every block as hilora_attached makes it (masks as deploy ranks
+    them), each elastic layer holding the state's adapters and its block's gain; only the
+    adapters trainable. Yields the layers by key; everything is back afterwards."""
     trainable = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    layers = {}
-    for key, base in pruned_linears(model).items():
-        scores = wanda_scores(base.weight, state.act_norms[key].to(base.weight.device))
-        extra = None if cfg.nm_train is None else nm_ranks(scores, pattern(cfg.nm_train)[1])
-        layer = TunedHiLoRALinear(base, ranks_for(scores, None), len(state.groups), state.rank,
-                                  generator, extra, recipe=state.tuned, top0=state.groups[0][1])
-        A, B = state.adapters[key]
-        layer.A.data.copy_(A)
-        layer.B.data.copy_(B)
-        layer.gain = state.reports[block_of(key)].group0_gain
-        swap_module(decoder_blocks(model)[block_of(key)], key.split(".", 1)[1], layer)
-        layers[key] = layer
+    model.requires_grad_(False)  # embeddings, norms, head: outside the blocks
     try:
-        yield layers
+        with contextlib.ExitStack() as stack:
+            layers = {}
+            for i, block in enumerate(decoder_blocks(model)):
+                norms = {n: state.act_norms[f"{i}.{n}"].to(device_of(block))
+                         for n in arch_of(model)[1]}
+                attached = stack.enter_context(hilora_attached(block, norms, cfg, generator))
+                for name, layer in attached.items():
+                    A, B = state.adapters[f"{i}.{name}"]
+                    layer.A.data.copy_(A)
+                    layer.B.data.copy_(B)
+                    layer.gain = state.reports[i].group0_gain
+                    layers[f"{i}.{name}"] = layer
+            yield layers
     finally:
-        for key, layer in layers.items():
-            swap_module(decoder_blocks(model)[block_of(key)], key.split(".", 1)[1], layer.base)
         for p, flag in trainable.items():
             p.requires_grad_(flag)
 
