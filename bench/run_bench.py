@@ -170,7 +170,8 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
             seconds += distilled
             out[key.replace("-", "_").replace("_optimize_seconds", "_distill_losses")] = losses
             print(f"{key.removesuffix('_optimize_seconds')}: block-wise pass "
-                  f"{seconds - distilled:.1f}s + distillation {distilled:.1f}s, KL per epoch {[round(x, 4) for x in losses]}", flush=True)
+                  f"{seconds - distilled:.1f}s + distillation {distilled:.1f}s, KL per epoch "
+                  f"{[round(x, 4) for x in losses]}", flush=True)
         out[key.replace("-", "_")] = seconds
         return state
 
