@@ -686,7 +686,8 @@ def test_distillation_moves_the_sparse_models_toward_the_dense_one():
 def test_optimize_distills_after_the_block_wise_pass_only_when_asked(monkeypatch):
     model, state, windows, cfg = distilled_setup()
     calls = []
-    monkeypatch.setattr(epts, "distill", lambda *a, **k: calls.append(a[3].tuned.distill_epochs))
+    monkeypatch.setattr(epts, "distill", lambda model, state, windows, cfg, *a, **k:
+                        calls.append(cfg.tuned.distill_epochs))
     epts.optimize(model, windows, cfg)
     assert calls == []
     epts.optimize(model, windows, epts.recipe_config(

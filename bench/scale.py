@@ -192,11 +192,10 @@ def measure_tuned(name: str, shape: dict, a: argparse.Namespace, device: torch.d
     for n_blocks in (a.blocks, 2 * a.blocks):
         model = build(shape, n_blocks, a.seqlen, device)
         state = random_state(model, cfg)
-        with torch.autocast(device.type, torch.bfloat16, device.type == "cuda"):
-            epts.distill(model, state, windows[:2], cfg, device)  # warm-up
-            lap = epts.stopwatch(device)
-            epts.distill(model, state, windows[:a.distill_steps], cfg, device)
-            step[n_blocks] = lap() / a.distill_steps
+        epts_scale.distill(model, state, windows[:2], cfg, device)  # warm-up
+        lap = epts.stopwatch(device)
+        epts_scale.distill(model, state, windows[:a.distill_steps], cfg, device)
+        step[n_blocks] = lap() / a.distill_steps
         del model
     per_layer = (step[2 * a.blocks] - step[a.blocks]) / a.blocks
     at_shape = step[a.blocks] + per_layer * (shape["layers"] - a.blocks)
