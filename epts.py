@@ -860,23 +860,20 @@ def logits_at(model: nn.Module, layers: dict[str, HiLoRALinear], window: torch.T
 
 
 def distill_step(model: nn.Module, layers: dict[str, HiLoRALinear], window: torch.Tensor,
-                 setting: Setting, opt: torch.optim.Optimizer, lr: float,
-                 logits: Callable = logits_at) -> torch.Tensor:
-    """One Adam step at rate lr on KL(p(x; W) || p(x; W_s)) for one window, W_s at `setting`.
-    `logits` is the seam for a faster whole-model call (epts_scale.grouped_logits)."""
+                 setting: Setting, opt: torch.optim.Optimizer, lr: float) -> torch.Tensor:
+    """One Adam step at rate lr on KL(p(x; W) || p(x; W_s)) for one window, W_s at `setting`."""
     with torch.no_grad():
-        teacher = logits(model, layers, window, Setting(0.0, None))
+        teacher = logits_at(model, layers, window, Setting(0.0, None))
     opt.param_groups[0]["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    loss = distill_loss(logits(model, layers, window, setting), teacher)
+    loss = distill_loss(logits_at(model, layers, window, setting), teacher)
     loss.backward()
     opt.step()
     return loss.detach()
 
 
 def distill(model: nn.Module, state: ElasticState, windows: torch.Tensor, cfg: EPTSConfig,
-            device: str | torch.device = "cpu", on_step: Callable | None = None,
-            logits: Callable = logits_at) -> list[float]:
+            device: str | torch.device = "cpu", on_step: Callable | None = None) -> list[float]:
     """End-to-end distillation of every adapter at once, in place in `state`. Step t takes one
     calibration window (a new order every epoch) and the Phase-1 slices in turn (group k, or
     --nm-train's N:M slice), draws s in that slice as Phase 1 does, and takes an Adam step on
@@ -902,7 +899,7 @@ def distill(model: nn.Module, state: ElasticState, windows: torch.Tensor, cfg: E
                 setting = Setting(float(draws[t, g]), *slices[g])
                 lr = cosine_lr(t, total, cfg.tuned.distill_lr)
                 epoch_loss += distill_step(model, layers, windows[w:w + 1].to(device), setting,
-                                           opt, lr, logits)
+                                           opt, lr)
                 if on_step:
                     on_step()
             history.append(float(epoch_loss) / len(windows))

@@ -154,23 +154,6 @@ def grouped_forward(block: nn.Module, layers: dict[str, epts.HiLoRALinear],
     return out.view(len(settings), *xs[0].shape)
 
 
-def grouped_logits(model: nn.Module, layers: dict[str, epts.HiLoRALinear], window: torch.Tensor,
-                   setting: Setting) -> torch.Tensor:
-    """epts.distill's `logits` seam: epts.logits_at with each elastic layer as a GroupedLinear of
-    one slice (one matmul for the chain, the compiled merge on the GPU), or as its own linear at
-    the dense setting, where W * M(0) = W. Speed: a distillation step of the plain path launches
-    tens of thousands of small kernels."""
-    dense = setting.group is None and not setting.nm and float(setting.sparsity) == 0
-    blocks = epts.decoder_blocks(model)
-    for key, layer in layers.items():
-        epts.swap_module(blocks, key, layer.base if dense else GroupedLinear(layer, [setting]))
-    try:
-        return model(window, use_cache=False).logits
-    finally:
-        for key, layer in layers.items():
-            epts.swap_module(blocks, key, layer)
-
-
 @dataclass
 class Forward:
     """phase1_train's `forward` seam: epts.forward_groups, faster. All slices in one call unless
@@ -610,8 +593,7 @@ def distill(model: nn.Module, state: epts.ElasticState, windows: torch.Tensor,
     steps = cfg.tuned.distill_epochs * len(windows)
     with tqdm(total=steps, desc="distill", unit="step", disable=not options.verbose) as bar, \
             torch.autocast(device.type, torch.bfloat16, options.amp and device.type == "cuda"):
-        return epts.distill(model, state, windows, cfg, device, on_step=bar.update,
-                            logits=epts.logits_at if options.reference_loop else grouped_logits)
+        return epts.distill(model, state, windows, cfg, device, on_step=bar.update)
 
 
 # 7. 2:4 kernels: cuSPARSELt where a timed probe finds it faster, the dense weight elsewhere --

@@ -7,7 +7,6 @@ Run:  python -m pytest -q test_epts_scale.py
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import json
 import sys
@@ -239,46 +238,6 @@ def test_reference_loop_gives_the_default_options_adapters(monkeypatch):
                                Options(reference_loop=True))
     assert calls == [2, 2] * 2 * 2  # 2 epochs of 2 batches, in each of 2 blocks
     assert_same_adapters(default, loop)
-
-
-# ------------------------------------------- the distillation stage: one model call per setting
-
-def distillable(nm_train: str | None = "2:4"):
-    """A 2-block LLaMA, a tuned elastic state with random B everywhere (every adapter matters)
-    and gain 0.5 on B_0 A_0, its windows and a config with 2 epochs of distillation."""
-    model, windows = tiny_model("llama"), some_windows(4, seed=5)
-    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train,
-                             tuned=epts.TunedRecipe(distill_epochs=2, distill_lr=1e-2))
-    state = epts.optimize(model, windows, dataclasses.replace(
-        cfg, tuned=dataclasses.replace(cfg.tuned, distill_epochs=0)))
-    gen = torch.Generator().manual_seed(2)
-    for key, (A, B) in state.adapters.items():
-        state.adapters[key] = (A, torch.randn(B.shape, generator=gen) * 0.05)
-    for report in state.reports:
-        report.group0_gain = 0.5
-    return model, state, windows, cfg
-
-
-def test_grouped_logits_equal_the_plain_logits_at_every_kind_of_setting():
-    model, state, windows, cfg = distillable()
-    settings = [Setting(0.0, None), Setting(0.2, 0), Setting(0.45, 2), Setting(0.5, 2, True),
-                Setting(0.7, 6), Setting(0.3, None)]
-    with torch.no_grad(), epts.elastic_model(model, state, cfg, torch.Generator()) as layers:
-        for setting in settings:
-            torch.testing.assert_close(epts_scale.grouped_logits(model, layers, windows, setting),
-                                       epts.logits_at(model, layers, windows, setting))
-        assert all(type(m) is not epts_scale.GroupedLinear for m in model.modules())  # put back
-
-
-@pytest.mark.parametrize("nm_train", [None, "2:4"])
-def test_fast_distillation_trains_the_plain_adapters(nm_train):
-    model, state, windows, cfg = distillable(nm_train)
-    plain, fast = copy.deepcopy(state), copy.deepcopy(state)
-    plain_history = epts.distill(model, plain, windows, cfg)
-    fast_history = epts_scale.distill(model, fast, windows, cfg, torch.device("cpu"), Options())
-    assert_same_adapters(plain, fast, atol=1e-5)  # fp32 sums in another order, through Adam
-    assert fast_history == pytest.approx(plain_history, rel=1e-4)
-    assert any(not torch.equal(plain.adapters[k][1], B) for k, (_, B) in state.adapters.items())
 
 
 # --------------------------------------------------------------------------------- 3. CUDA only
