@@ -53,6 +53,14 @@ OWL = [0.5, 0.6, 0.7]
 TABLE_METHODS = ["magnitude", "wanda", "sparsegpt", "ria", "dsnot", "dedicated", "epts",
                  "epts-tuned", "epts-nm"]
 TABLES = "results_tables.md"  # what write_markdown writes into --out; RESULTS.md is by hand
+DISTILLED = "epts-tuned-distill"  # the label of the tuned recipe + --distill-epochs N: ...-distillN
+
+
+def distilled(res: dict) -> list[str]:
+    """The labels of the tuned runs with the distillation stage (--tuned-variants), N:M last."""
+    return sorted((k for k in res["methods"] if k.startswith(("epts-tuned-distill",
+                                                              "epts-tuned-nm-distill"))),
+                  key=lambda k: ("-nm-" in k, k))
 
 
 def as_saved(state: epts.ElasticState, dtype: torch.dtype) -> epts.ElasticState:
@@ -276,12 +284,12 @@ def write_markdown(results: dict, path: str) -> None:
         dense = res["methods"]["dense"]["0.0"]["ppl"]
         for e in evals:
             L += [f"Perplexity on `{e}` (dense: {dense[e]:.2f}), by sparsity:", ""]
-            L += fmt_table(res, e, TABLE_METHODS, labels) + [""]
+            L += fmt_table(res, e, TABLE_METHODS + distilled(res), labels) + [""]
         L += ["N:M patterns (what GPU sparse tensor cores run) beside unstructured 0.5; EPTS "
               "deploys the N:M mask of the same scores with the adapters of the group holding N/M "
               "(trained on unstructured masks); the dedicated run is trained on 2:4 masks:", ""]
         for e in evals[:1]:
-            L += fmt_table(res, e, TABLE_METHODS, ["0.5"] + NM) + [""]
+            L += fmt_table(res, e, TABLE_METHODS + distilled(res), ["0.5"] + NM) + [""]
         if "mask-only" in res["methods"]:
             grid = sorted((lab for lab in res["methods"]["mask-only"] if ":" not in lab),
                           key=float)
@@ -289,7 +297,8 @@ def write_markdown(results: dict, path: str) -> None:
                   "deploys -- Wanda scores of the dense stream -- with no adapters), by "
                   "sparsity:", ""]
             for e in evals[:1]:
-                L += fmt_table(res, e, ["epts", "epts-tuned", "mask-only"], grid) + [""]
+                L += fmt_table(res, e, ["epts", "epts-tuned", *distilled(res), "mask-only"],
+                               grid) + [""]
             if name == next(iter(results["models"])):  # one figure holds every model
                 L += ["![ppl / dense against s](elasticity.png)", ""]
         L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block "
@@ -303,6 +312,7 @@ def write_markdown(results: dict, path: str) -> None:
         L += [f"Achieved overall sparsity at {OWL[-1]} with OWL: "
               + ", ".join(f"{k} {v}" for k, v in ach.items()), ""]
         L += targets(res, evals[0])
+        L += distill_targets(res, evals[0])
         L += calib_and_dtype_tables(res, evals[0])
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
@@ -371,6 +381,33 @@ def targets(res: dict, e0: str) -> list[str]:
     return L
 
 
+def distill_targets(res: dict, e0: str) -> list[str]:
+    """The quality targets of the tuned recipe + the distillation stage: 0.5 <= 1.30 x dense,
+    0.7 <= 2.8 x dense, nowhere on the grid worse than the tuned recipe or the mask alone, the
+    elastic 2:4 model <= 1.05 x the dedicated 2:4 run."""
+    m, L = res["methods"], []
+    dense = m["dense"]["0.0"]["ppl"][e0]
+    for label in distilled(res):
+        d = {lab: row["ppl"][e0] for lab, row in m[label].items()}
+        L += [f"Targets of `{label}` (the tuned recipe + the distillation stage), on `{e0}`:", ""]
+        for s, bound in ((0.5, 1.30), (0.7, 2.8)):
+            if str(s) in d:
+                L.append(f"- {s}: {d[str(s)]:.2f} = {d[str(s)] / dense:.3f} x dense -> "
+                         f"{verdict(d[str(s)] <= bound * dense)} (<= {bound} x)")
+        for base in ("epts-tuned", "mask-only"):
+            shared = [lab for lab in m.get(base, {}) if lab in d and ":" not in lab]
+            worse = [lab for lab in shared if d[lab] > m[base][lab]["ppl"][e0]]
+            if len(shared) > len(SPARSITIES):  # a grid was run
+                L.append(f"- <= {base} at each of {len(shared)} sparsities: "
+                         + ("met" if not worse else "MISSED at " + ", ".join(worse)))
+        if "2:4" in d and "2:4" in m.get("dedicated", {}):
+            ratio = d["2:4"] / m["dedicated"]["2:4"]["ppl"][e0]
+            L.append(f"- 2:4: {d['2:4']:.2f} = {ratio:.3f} x the dedicated 2:4 run -> "
+                     f"{verdict(ratio <= 1.05)} (<= 1.05 x)")
+        L.append("")  # (time: see the re-run's note; its GPU may not be the tuned run's)
+    return L
+
+
 def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
     """The calibration-size ablation (calib-sizes) and the adapters rounded to bf16 (save-bf16),
     where measured."""
@@ -404,6 +441,7 @@ def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
 # the figure's curves: method, marker and line style, legend; colour Ck for the k-th
 CURVES = [("epts", "o-", "EPTS (paper recipe, one run)"),
           ("epts-tuned", "*-", "EPTS --recipe tuned (one run)"),
+          ("epts-tuned-distill2", "P-", "EPTS --recipe tuned --distill-epochs 2 (one run)"),
           ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
           ("wanda", "^:", "Wanda (one run per s)"),
           ("sparsegpt", "v:", "SparseGPT (one run per s)"),
