@@ -1,7 +1,8 @@
 """The distillation stage (epts.distill, not in the paper) measured on the CPU: one tuned
 block-wise pass, then each variant (epochs:lr) distills a copy of that state; perplexity on the
 first 64 windows of the eval text at 0.1, 0.3, 0.5, 0.6 and 0.7 (--nm-train N:M: also at N:M,
-beside a dedicated N:M run).
+beside a dedicated N:M run; --owl: also at 0.5, 0.6 and 0.7 with OWL's per-block sparsities, as
+`--schedule owl` deploys them).
 
     python bench/distill_cpu.py --model ../shared/models/llama-mini --nsamples 32 --seqlen 256 \
         --epochs 2 --variants 1:1e-4 1:3e-4 4:1e-4 4:3e-5 8:1e-4 --out bench/distill_cpu.json
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["4:1e-4"], help="distill epochs:lr")
     p.add_argument("--nm-train", help="N:M: train the tuned recipe with --nm-train, evaluate N:M "
                    "too, and run a dedicated N:M run beside it")
+    p.add_argument("--owl", action="store_true", help="also deploy 0.5, 0.6, 0.7 with OWL")
+    p.add_argument("--rank", type=int, default=32, help="the tuned recipe's rank")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "distill_cpu.json"))
     a = p.parse_args()
     torch.manual_seed(0)
@@ -53,12 +56,17 @@ def main() -> None:
         for s in at:
             epts.deploy(model, state, s, dense)
             ppl[str(s)] = epts.perplexity(model, tokens, a.seqlen)
+        for s in [0.5, 0.6, 0.7] if a.owl and at is targets else []:
+            top = state.groups[-1][1]
+            epts.deploy(model, state, epts.owl_sparsities(dense, state.act_norms, s,
+                                                          limits=(0.0, top)), dense)
+            ppl[f"owl {s}"] = epts.perplexity(model, tokens, a.seqlen)
         epts.restore_dense(model, dense)
         return ppl
 
     res = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
            "dense": epts.perplexity(model, tokens, a.seqlen)}
-    cfg = epts.recipe_config("tuned", epochs=a.epochs, nm_train=a.nm_train)
+    cfg = epts.recipe_config("tuned", epochs=a.epochs, nm_train=a.nm_train, rank=a.rank)
     if a.nm_train:  # the reference: one run trained on N:M masks alone
         t0 = time.perf_counter()
         dedicated = epts_scale.optimize(model, windows, epts.dedicated_config(cfg, a.nm_train),
@@ -81,7 +89,8 @@ def main() -> None:
         print(f"distill {variant}", res[f"distill {variant}"], flush=True)
     everything = json.load(open(a.out)) if os.path.exists(a.out) else {}
     name = os.path.basename(a.model.rstrip("/"))
-    everything[name + (f" --nm-train {a.nm_train}" if a.nm_train else "")] = res
+    everything[name + (f" --nm-train {a.nm_train}" if a.nm_train else "")
+               + (f" --rank {a.rank}" if a.rank != 32 else "") + (" --owl" if a.owl else "")] = res
     with open(a.out, "w") as f:
         json.dump(everything, f, indent=1)
 

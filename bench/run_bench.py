@@ -59,8 +59,8 @@ DISTILLED = "epts-tuned-distill"  # the label of the tuned recipe + --distill-ep
 def distilled(res: dict) -> list[str]:
     """The labels of the tuned runs with the distillation stage (--tuned-variants), N:M last."""
     return sorted((k for k in res["methods"] if k.startswith(("epts-tuned-distill",
-                                                              "epts-tuned-nm-distill"))),
-                  key=lambda k: ("-nm-" in k, k))
+                                                              "epts-tuned-nm-distill"))
+                   and not k.endswith("-owl")), key=lambda k: ("-nm-" in k, k))
 
 
 def as_saved(state: epts.ElasticState, dtype: torch.dtype) -> epts.ElasticState:
@@ -159,6 +159,11 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         out[key.replace("-", "_")] = lap()
         return state
 
+    def owl_of(state: epts.ElasticState):
+        """s -> OWL's per-block sparsities for `state`, clamped to its trained range."""
+        return lambda s: epts.owl_sparsities(dense, state.act_norms, s,
+                                             limits=(0.0, state.groups[-1][1]))
+
     blockwise: dict[str, tuple[epts.ElasticState, float]] = {}
 
     def tuned_run(key: str, cfg: epts.EPTSConfig) -> epts.ElasticState:
@@ -204,6 +209,8 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
             tuned = tuned_run(f"{label}_optimize_seconds", tuned_cfg)
             out[f"{label}_gains".replace("-", "_")] = [r.group0_gain for r in tuned.reports]
             record("epts", SPARSITIES + NM + grid, label=label, state=tuned)
+            if a.tuned_owl:  # the same elastic model with OWL's per-block sparsities
+                record("epts", OWL, owl_of(tuned), label=f"{label}-owl", state=tuned)
             if "save-bf16" in a.methods and not overrides:
                 record("epts", SPARSITIES + NM, label="epts-tuned-bf16",
                        state=as_saved(tuned, torch.bfloat16))
@@ -232,10 +239,8 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
     if "mask-only" in a.methods:  # the masks EPTS deploys (dense-stream Wanda scores), no adapters
         record("epts", SPARSITIES + NM + grid, label="mask-only", state=mask_only(state))
     # non-uniform deployment: OWL layer-wise sparsity, from the same elastic model and for Wanda
-    top = state.groups[-1][1]
     if "epts-owl" in a.methods:
-        record("epts", OWL, lambda s: epts.owl_sparsities(dense, state.act_norms, s,
-                                                          limits=(0.0, top)), state=state)
+        record("epts", OWL, owl_of(state), state=state)
     return out
 
 
@@ -304,7 +309,9 @@ def write_markdown(results: dict, path: str) -> None:
         L += ["Non-uniform (OWL, lambda 0.08, M 5) vs. uniform, same elastic model; per-block "
               "sparsities clamped to the trained range [0, 0.7] for EPTS:", ""]
         for e in evals[:1]:
-            L += fmt_table(res, e, ["epts", "epts-owl", "wanda", "wanda-owl"],
+            tuned_owl = sorted(k for k in res["methods"]
+                               if k.startswith("epts-tuned") and k.endswith("-owl"))
+            L += fmt_table(res, e, ["epts", "epts-owl", "wanda", "wanda-owl", *tuned_owl],
                            [str(s) for s in OWL]) + [""]
         m = res["methods"]
         ach = {k: f"{m[k][str(OWL[-1])]['achieved_sparsity']:.4f}"
@@ -387,7 +394,8 @@ def distill_targets(res: dict, e0: str) -> list[str]:
     elastic 2:4 model <= 1.05 x the dedicated 2:4 run."""
     m, L = res["methods"], []
     dense = m["dense"]["0.0"]["ppl"][e0]
-    for label in distilled(res):
+    owl = [f"{k}-owl" for k in distilled(res) if f"{k}-owl" in m]  # 0.5 and 0.7 only
+    for label in distilled(res) + owl:
         d = {lab: row["ppl"][e0] for lab, row in m[label].items()}
         L += [f"Targets of `{label}` (the tuned recipe + the distillation stage), on `{e0}`:", ""]
         for s, bound in ((0.5, 1.30), (0.7, 2.8)):
@@ -502,6 +510,9 @@ def main() -> None:
     p.add_argument("--tuned-variants", default="{}",
                    help="JSON name -> EPTSConfig fields or epts.TunedRecipe switches over the "
                         "tuned recipe: more epts-tuned-<name> runs")
+    p.add_argument("--tuned-owl", action="store_true",
+                   help="epts-tuned: also deploy each tuned run at 0.5, 0.6, 0.7 with OWL's "
+                        "per-block sparsities (label <run>-owl)")
     p.add_argument("--variants-only", action="store_true",
                    help="epts-tuned: run only the --tuned-variants, not the tuned recipe itself")
     p.add_argument("--dedicated", nargs="+", type=epts.sparsity_arg, default=DEDICATED + NM,
