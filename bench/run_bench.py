@@ -53,7 +53,6 @@ OWL = [0.5, 0.6, 0.7]
 TABLE_METHODS = ["magnitude", "wanda", "sparsegpt", "ria", "dsnot", "dedicated", "epts",
                  "epts-tuned", "epts-nm"]
 TABLES = "results_tables.md"  # what write_markdown writes into --out; RESULTS.md is by hand
-DISTILLED = "epts-tuned-distill"  # the label of the tuned recipe + --distill-epochs N: ...-distillN
 
 
 def distilled(res: dict) -> list[str]:
@@ -180,11 +179,11 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
             losses = epts_scale.distill(model, state, windows, cfg, device,
                                         epts_scale.Options(verbose=False))
             distilled = lap()
-            seconds += distilled
             out[key.replace("-", "_").replace("_optimize_seconds", "_distill_losses")] = losses
-            print(f"{key.removesuffix('_optimize_seconds')}: block-wise pass "
-                  f"{seconds - distilled:.1f}s + distillation {distilled:.1f}s, KL per epoch "
+            print(f"{key.removesuffix('_optimize_seconds')}: block-wise pass {seconds:.1f}s + "
+                  f"distillation {distilled:.1f}s, KL per epoch "
                   f"{[round(x, 4) for x in losses]}", flush=True)
+            seconds += distilled
         out[key.replace("-", "_")] = seconds
         return state
 
@@ -394,8 +393,9 @@ def distill_targets(res: dict, e0: str) -> list[str]:
     elastic 2:4 model <= 1.05 x the dedicated 2:4 run."""
     m, L = res["methods"], []
     dense = m["dense"]["0.0"]["ppl"][e0]
-    owl = [f"{k}-owl" for k in distilled(res) if f"{k}-owl" in m]  # 0.5 and 0.7 only
-    for label in distilled(res) + owl:
+    runs = distilled(res)
+    owl = [f"{k}-owl" for k in runs if f"{k}-owl" in m]  # 0.5 and 0.7 only
+    for label in runs + owl:
         d = {lab: row["ppl"][e0] for lab, row in m[label].items()}
         L += [f"Targets of `{label}` (the tuned recipe + the distillation stage), on `{e0}`:", ""]
         for s, bound in ((0.5, 1.30), (0.7, 2.8)):
