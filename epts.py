@@ -873,20 +873,21 @@ def distill_step(model: nn.Module, layers: dict[str, HiLoRALinear], window: torc
 
 
 def distill(model: nn.Module, state: ElasticState, windows: torch.Tensor, cfg: EPTSConfig,
-            device: str | torch.device = "cpu", on_step: Callable | None = None) -> list[float]:
+            device: str | torch.device = "cpu", on_step: Callable | None = None,
+            step: Callable = distill_step) -> list[float]:
     """End-to-end distillation of every adapter at once, in place in `state`. Step t takes one
     calibration window (a new order every epoch) and the Phase-1 slices in turn (group k, or
     --nm-train's N:M slice), draws s in that slice as Phase 1 does, and takes an Adam step on
 
         KL(p(x; W) || p(x; W_s))      (the dense model's distribution is the target)
 
-    at the cosine-annealed rate, on `device`; on_step() after each (a progress bar). Returns the
-    mean loss per epoch."""
+    at the cosine-annealed rate, on `device`; on_step() after each (a progress bar). The seam:
+    `step` takes the step (epts_scale.py: a CUDA graph). Returns the mean loss per epoch."""
     epochs, device = cfg.tuned.distill_epochs, torch.device(device)
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
     slices, total = phase1_slices(cfg), epochs * len(windows)
     draws = phase1_draws(cfg, total, generator)
-    home = next(model.parameters()).device
+    home, windows = next(model.parameters()).device, windows.to(device)
     model.to(device).eval()
     with elastic_model(model, state, cfg, generator) as layers:
         params = [p for layer in layers.values() for p in (layer.A, layer.B)]
@@ -898,8 +899,7 @@ def distill(model: nn.Module, state: ElasticState, windows: torch.Tensor, cfg: E
                 g = t % len(slices)
                 setting = Setting(float(draws[t, g]), *slices[g])
                 lr = cosine_lr(t, total, cfg.tuned.distill_lr)
-                epoch_loss += distill_step(model, layers, windows[w:w + 1].to(device), setting,
-                                           opt, lr)
+                epoch_loss += step(model, layers, windows[w:w + 1], setting, opt, lr)
                 if on_step:
                     on_step()
             history.append(float(epoch_loss) / len(windows))

@@ -5,7 +5,8 @@ Nothing here changes what EPTS computes; each piece is tested equal to the plain
 
   1. All groups in one block call: the G settings of a step as one batch, each linear computing
      its G elastic weights with one matmul, and a compiled merge on the GPU.
-  2. A CUDA graph of the Phase-1 step: a step launches hundreds of small kernels, a replay one.
+  2. CUDA graphs of the Phase-1 step and of the distillation step: a step launches hundreds or
+     thousands of small kernels, a replay one.
   3. --low-memory: the streams in pinned host memory, Phase 1's activations recomputed group by
      group in the backward, no-grad passes 2 samples at a time.
   4. torchrun: the sparsity groups split over GPUs, the same adapters.
@@ -54,22 +55,24 @@ class Slices:
     nm: torch.Tensor | None = None
 
 
-def filled(values: Sequence[int | bool], device: torch.device) -> torch.Tensor:
-    """A few Python numbers as a tensor made on `device` by fills, not copied from host memory: a
-    CUDA graph capture (cuda_graph_step) refuses copies from pageable host memory."""
-    return torch.stack([torch.full((), v, device=device) for v in values])
+def filled(values: Sequence[int | float | bool | torch.Tensor], device: torch.device,
+           dtype: torch.dtype) -> torch.Tensor:
+    """Python numbers (or 0-d tensors) as one tensor, made on `device` by fills, not copied from
+    host memory: a CUDA graph capture (cuda_graph_step) refuses copies from pageable host memory."""
+    return torch.stack([v.to(device, dtype) if torch.is_tensor(v) else
+                        torch.full((), v, dtype=dtype, device=device) for v in values])
 
 
 def slices_of(layer: epts.HiLoRALinear, settings: Sequence[Setting]) -> Slices:
     """The tensors of `settings` for `layer`: the paper's chain, and for a TunedHiLoRALinear its
-    gain on B_0 in group 0 (ramped with s / hi_0) and sg(B_0) in groups >= 1 (epts.tuned_group0)."""
+    gain on B_0 in group 0 (ramped with s / hi_0) and sg(B_0) in groups >= 1 (epts.tuned_group0).
+    A setting's fields may be tensors (LiveLinear): one CUDA graph then serves every group."""
     device, K = layer.A.device, layer.A.shape[0]
-    values = [st.sparsity for st in settings]
-    sparsity = (torch.stack(values) if all(torch.is_tensor(v) for v in values)
-                else torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
-    group = filled([-1 if st.group is None else st.group for st in settings], device)
+    sparsity = filled([st.sparsity for st in settings], device, torch.float64)
+    group = filled([-1 if st.group is None else st.group for st in settings], device, torch.long)
     chain = (torch.arange(K, device=device).view(1, -1) <= group.view(-1, 1)).float()
-    nm = filled([st.nm for st in settings], device) if any(st.nm for st in settings) else None
+    nms = [st.nm for st in settings]
+    nm = filled(nms, device, torch.bool) if any(torch.is_tensor(v) or v for v in nms) else None
     frozen = None
     if isinstance(layer, epts.TunedHiLoRALinear):
         recipe, gain = layer.recipe, layer.gain
@@ -173,7 +176,7 @@ class Forward:
         return grouped_forward(block, layers, xs, kwargs, settings)
 
 
-# 2. A CUDA graph of the Phase-1 step ---------------------------------------------------------
+# 2. CUDA graphs of the Phase-1 and distillation steps ---------------------------------------------
 
 def cuda_graph_step(step: Callable, opt: torch.optim.Optimizer) -> Callable:
     """phase1_train's `wrap_step` seam: record step(s, lr, *batch) as a CUDA graph on its first
@@ -216,6 +219,56 @@ def capture(step: Callable, opt: torch.optim.Optimizer, s: torch.Tensor,
     with torch.cuda.graph(graph):
         out = step(*buffers)
     return graph, buffers, out
+
+
+class LiveLinear(nn.Module):
+    """A HiLoRALinear whose `setting` may hold tensors: Eq. 2 as grouped_weight computes it, for
+    one slice. A recorded step then reads the group from memory, so one CUDA graph serves all."""
+
+    def __init__(self, layer: epts.HiLoRALinear):
+        super().__init__()
+        self.layer, self.setting = layer, Setting(0.0, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = grouped_weight(self.layer, slices_of(self.layer, [self.setting]))[0]
+        return nn.functional.linear(x, W, self.layer.base.bias)
+
+
+class DistillGraph:
+    """epts.distill's `step` seam: epts.distill_step with LiveLinears in place of the elastic
+    layers and the setting in a device tensor, recorded as one CUDA graph on the first call and
+    replayed after (graph=False: eagerly). Speed: a step through the whole model launches thousands
+    of small kernels, and at SmolLM2's size launching them took longer than running them."""
+
+    def __init__(self, graph: bool = True):
+        self.graph, self.run, self.code = graph, None, None
+
+    def __call__(self, model: nn.Module, layers: dict[str, epts.HiLoRALinear],
+                 window: torch.Tensor, setting: Setting, opt: torch.optim.Optimizer, lr: float
+                 ) -> torch.Tensor:
+        if self.run is None:
+            self.run, self.code = self.record(model, layers, opt, window.device)
+        s, k, nm = setting
+        for i, v in enumerate((float(s), -1 if k is None else k, float(nm))):
+            self.code[i].fill_(v)  # a fill, not a copy from the host: no wait for the GPU
+        return self.run(self.code, lr, window)
+
+    def record(self, model: nn.Module, layers: dict[str, epts.HiLoRALinear],
+               opt: torch.optim.Optimizer, device: torch.device) -> tuple[Callable, torch.Tensor]:
+        """(step(code, lr, window), code): LiveLinears swapped into `model` (epts.distill's
+        hilora_attached puts the original linears back), code = [s, group, nm] on `device`."""
+        live, blocks = {}, epts.decoder_blocks(model)
+        for key, layer in layers.items():
+            i, _, name = key.partition(".")
+            live[key] = LiveLinear(layer)
+            epts.swap_module(blocks[int(i)], name, live[key])
+        nm = any(layer.nm_ranks is not None for layer in layers.values())
+
+        def step(code: torch.Tensor, lr: float | torch.Tensor, window: torch.Tensor):
+            setting = Setting(code[0], code[1], code[2] > 0 if nm else False)
+            return epts.distill_step(model, live, window, setting, opt, lr)
+        code = torch.zeros(3, dtype=torch.float64, device=device)
+        return (cuda_graph_step(step, opt) if self.graph else step), code
 
 
 # 4. torchrun: the sparsity groups split over GPUs, the same adapters -------------------------
@@ -589,11 +642,13 @@ def optimize(model: nn.Module, windows: torch.Tensor, cfg: epts.EPTSConfig,
 def distill(model: nn.Module, state: epts.ElasticState, windows: torch.Tensor,
             cfg: epts.EPTSConfig, device: torch.device, options: Options = Options()
             ) -> list[float]:
-    """epts.distill in bf16 autocast (CUDA), with a progress bar."""
+    """epts.distill in bf16 autocast (CUDA), each step a CUDA graph replay, with a progress bar."""
     steps = cfg.tuned.distill_epochs * len(windows)
+    graph = options.cuda_graph and device.type == "cuda" and not options.reference_loop
     with tqdm(total=steps, desc="distill", unit="step", disable=not options.verbose) as bar, \
             torch.autocast(device.type, torch.bfloat16, options.amp and device.type == "cuda"):
-        return epts.distill(model, state, windows, cfg, device, on_step=bar.update)
+        return epts.distill(model, state, windows, cfg, device, on_step=bar.update,
+                            step=DistillGraph() if graph else epts.distill_step)
 
 
 # 7. 2:4 kernels: cuSPARSELt where a timed probe finds it faster, the dense weight elsewhere --

@@ -7,6 +7,7 @@ Run:  python -m pytest -q test_epts_scale.py
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import sys
@@ -273,6 +274,60 @@ def test_fused_merge_trains_the_plain_merges_adapters(recipe, monkeypatch):
     assert_same_adapters(runs[0], runs[1], rtol=2e-2, atol=1e-3)
     losses = [sum(run.reports[0].loss_history, []) for run in runs]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def distilled_twice(nm_train: str | None, device: str, steps: list) -> list[epts.ElasticState]:
+    """The same tuned state distilled with each step function in `steps` (2 epochs, 6 windows):
+    the block-wise pass once, then a copy of its state per step function."""
+    model, windows = tiny_model("llama"), some_windows(6, seed=5)
+    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train,
+                             tuned=epts.TunedRecipe(distill_epochs=2, distill_lr=1e-2))
+    state = epts.optimize(model, windows, dataclasses.replace(
+        cfg, tuned=dataclasses.replace(cfg.tuned, distill_epochs=0)))
+    runs = []
+    for step in steps:
+        runs.append(copy.deepcopy(state))
+        with torch.autocast("cuda", torch.bfloat16, device == "cuda"):
+            runs[-1].reports[0].seconds["history"] = epts.distill(model, runs[-1], windows, cfg,
+                                                                  device, step=step)
+    return runs
+
+
+def one_distill_step_gradients(state, model, cfg, window, setting, step) -> list[torch.Tensor]:
+    """The adapters' gradients after one `step` at `setting` (lr 0: nothing moves)."""
+    with epts.elastic_model(model, copy.deepcopy(state), cfg, torch.Generator()) as layers:
+        params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+        step(model, layers, window, setting, torch.optim.SGD(params, lr=0.0), 0.0)
+        return [p.grad for p in params]
+
+
+@pytest.mark.parametrize("nm_train", [None, "2:4"])
+def test_the_live_distillation_step_is_the_plain_step(nm_train):
+    """DistillGraph's step reads its setting from a tensor (what lets one CUDA graph serve every
+    group); eagerly it is epts.distill_step: the same gradients in every group and N:M, and the
+    same training (Adam at lr 1e-2 for 12 steps lets float order show in the 5th digit)."""
+    plain, live = distilled_twice(nm_train, "cpu", [epts.distill_step,
+                                                   epts_scale.DistillGraph(graph=False)])
+    assert_same_adapters(plain, live, rtol=1e-3, atol=1e-4)
+    assert live.reports[0].seconds["history"] == pytest.approx(
+        plain.reports[0].seconds["history"], rel=1e-5)
+    model, window = tiny_model("llama"), some_windows(1, seed=6)
+    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train)
+    state = epts.optimize(model, some_windows(4, seed=5), cfg)
+    settings = [Setting(0.05 + 0.1 * k, k) for k in range(7)]
+    for setting in settings + ([Setting(0.5, 6, True)] if nm_train else []):
+        grads = [one_distill_step_gradients(state, model, cfg, window, setting, step)
+                 for step in (epts.distill_step, epts_scale.DistillGraph(graph=False))]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@needs_cuda
+def test_the_distillation_graph_trains_the_eager_steps_adapters():
+    """The CUDA graph replays the same step (bf16 autocast both ways)."""
+    eager, graph = distilled_twice("2:4", "cuda", [epts_scale.DistillGraph(graph=False),
+                                                  epts_scale.DistillGraph()])
+    assert_same_adapters(eager, graph, rtol=2e-2, atol=1e-3)
 
 
 # --------------------------------------------------------------------- 4. many processes (torchrun)
