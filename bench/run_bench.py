@@ -56,10 +56,11 @@ TABLES = "results_tables.md"  # what write_markdown writes into --out; RESULTS.m
 
 
 def distilled(res: dict) -> list[str]:
-    """The labels of the tuned runs with the distillation stage (--tuned-variants), N:M last."""
-    return sorted((k for k in res["methods"] if k.startswith(("epts-tuned-distill",
-                                                              "epts-tuned-nm-distill"))
-                   and not k.endswith("-owl")), key=lambda k: ("-nm-" in k, k))
+    """The labels of the tuned runs with the distillation stage (--tuned-variants with
+    distill_epochs: run_bench records their losses), N:M last."""
+    runs = [k for k in res["methods"] if k.startswith("epts-tuned-")
+            and f"{k.replace('-', '_')}_distill_losses" in res]
+    return sorted(runs, key=lambda k: ("-nm-" in k, k))
 
 
 def as_saved(state: epts.ElasticState, dtype: torch.dtype) -> epts.ElasticState:
