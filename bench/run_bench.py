@@ -450,7 +450,7 @@ def calib_and_dtype_tables(res: dict, e0: str) -> list[str]:
 # the figure's curves: method, marker and line style, legend; colour Ck for the k-th
 CURVES = [("epts", "o-", "EPTS (paper recipe, one run)"),
           ("epts-tuned", "*-", "EPTS --recipe tuned (one run)"),
-          ("epts-tuned-distill2", "P-", "EPTS --recipe tuned --distill-epochs 2 (one run)"),
+          ("epts-tuned-distill12", "P-", "EPTS --recipe tuned --distill-epochs 12 (one run)"),
           ("mask-only", "s--", "mask-only (EPTS masks, no adapters)"),
           ("wanda", "^:", "Wanda (one run per s)"),
           ("sparsegpt", "v:", "SparseGPT (one run per s)"),
