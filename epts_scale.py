@@ -179,11 +179,11 @@ class Forward:
 # 2. CUDA graphs of the Phase-1 and distillation steps ---------------------------------------------
 
 def cuda_graph_step(step: Callable, opt: torch.optim.Optimizer) -> Callable:
-    """phase1_train's `wrap_step` seam: record step(s, lr, *batch) as a CUDA graph on its first
-    call and replay it after. The graph reads fixed buffers, so Adam must be capturable and its
-    lr a tensor. The warm-up that capture needs runs the step at lr 0 (no weight moves) and then
-    resets Adam's moments and step count, so training is unchanged. A call whose batch has
-    another shape (a smaller last batch) runs eagerly."""
+    """phase1_train's `wrap_step` seam (and DistillGraph's): record step(s, lr, *batch) as a CUDA
+    graph on its first call and replay it after. The graph reads fixed buffers, so Adam must be
+    capturable and its lr a tensor. The warm-up that capture needs runs the step at lr 0 (no
+    weight moves) and then resets Adam's moments and step count, so training is unchanged. A call
+    whose batch has another shape (a smaller last batch) runs eagerly."""
     graph, buffers, out = None, [], None
 
     def replay(s: torch.Tensor, lr: float, *batch: torch.Tensor) -> torch.Tensor:
@@ -203,10 +203,10 @@ def cuda_graph_step(step: Callable, opt: torch.optim.Optimizer) -> Callable:
 
 def capture(step: Callable, opt: torch.optim.Optimizer, s: torch.Tensor,
             batch: Sequence[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, list, torch.Tensor]:
-    """(graph, its input buffers [s, lr, *batch], its output) of one Phase-1 step."""
+    """(graph, its input buffers [s, lr, *batch], its output) of one step."""
     distinct = {id(b): b.clone() for b in batch}  # a stream read by many slices: one buffer
     buffers = [s.clone(), torch.zeros((), device=s.device), *(distinct[id(b)] for b in batch)]
-    opt.param_groups[0]["capturable"] = True  # phase1_train's Adam has one parameter group
+    opt.param_groups[0]["capturable"] = True  # phase1_train's and distill's Adam: one group
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
