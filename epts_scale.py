@@ -259,9 +259,8 @@ class DistillGraph:
         hilora_attached puts the original linears back), code = [s, group, nm] on `device`."""
         live, blocks = {}, epts.decoder_blocks(model)
         for key, layer in layers.items():
-            i, _, name = key.partition(".")
             live[key] = LiveLinear(layer)
-            epts.swap_module(blocks[int(i)], name, live[key])
+            epts.swap_module(blocks[epts.block_of(key)], key.split(".", 1)[1], live[key])
         nm = any(layer.nm_ranks is not None for layer in layers.values())
 
         def step(code: torch.Tensor, lr: float | torch.Tensor, window: torch.Tensor):

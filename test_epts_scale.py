@@ -276,9 +276,10 @@ def test_fused_merge_trains_the_plain_merges_adapters(recipe, monkeypatch):
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
 
 
-def distilled_twice(nm_train: str | None, device: str, steps: list) -> list[epts.ElasticState]:
-    """The same tuned state distilled with each step function in `steps` (2 epochs, 6 windows):
-    the block-wise pass once, then a copy of its state per step function."""
+def distilled_twice(nm_train: str | None, device: str, steps: list
+                    ) -> list[tuple[epts.ElasticState, list[float]]]:
+    """(state, loss per epoch) of the same tuned state distilled with each step function in
+    `steps` (2 epochs, 6 windows): the block-wise pass once, then a copy of its state per step."""
     model, windows = tiny_model("llama"), some_windows(6, seed=5)
     cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train,
                              tuned=epts.TunedRecipe(distill_epochs=2, distill_lr=1e-2))
@@ -286,10 +287,10 @@ def distilled_twice(nm_train: str | None, device: str, steps: list) -> list[epts
         cfg, tuned=dataclasses.replace(cfg.tuned, distill_epochs=0)))
     runs = []
     for step in steps:
-        runs.append(copy.deepcopy(state))
+        distilled = copy.deepcopy(state)
         with torch.autocast("cuda", torch.bfloat16, device == "cuda"):
-            runs[-1].reports[0].seconds["history"] = epts.distill(model, runs[-1], windows, cfg,
-                                                                  device, step=step)
+            history = epts.distill(model, distilled, windows, cfg, device, step=step)
+        runs.append((distilled, history))
     return runs
 
 
@@ -306,11 +307,10 @@ def test_the_live_distillation_step_is_the_plain_step(nm_train):
     """DistillGraph's step reads its setting from a tensor (what lets one CUDA graph serve every
     group); eagerly it is epts.distill_step: the same gradients in every group and N:M, and the
     same training (Adam at lr 1e-2 for 12 steps lets float order show in the 5th digit)."""
-    plain, live = distilled_twice(nm_train, "cpu", [epts.distill_step,
-                                                   epts_scale.DistillGraph(graph=False)])
+    (plain, plain_losses), (live, live_losses) = distilled_twice(
+        nm_train, "cpu", [epts.distill_step, epts_scale.DistillGraph(graph=False)])
     assert_same_adapters(plain, live, rtol=1e-3, atol=1e-4)
-    assert live.reports[0].seconds["history"] == pytest.approx(
-        plain.reports[0].seconds["history"], rel=1e-5)
+    assert live_losses == pytest.approx(plain_losses, rel=1e-5)
     model, window = tiny_model("llama"), some_windows(1, seed=6)
     cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train)
     state = epts.optimize(model, some_windows(4, seed=5), cfg)
@@ -326,10 +326,9 @@ def test_the_live_distillation_step_is_the_plain_step(nm_train):
 def test_the_distillation_graph_trains_the_eager_steps_adapters():
     """The CUDA graph replays the same step (bf16 autocast both ways): the same losses, and
     adapters within 2% in norm (bf16 at Adam's lr 1e-2 can flip a single entry by one step)."""
-    eager, graph = distilled_twice("2:4", "cuda", [epts_scale.DistillGraph(graph=False),
-                                                  epts_scale.DistillGraph()])
-    assert graph.reports[0].seconds["history"] == pytest.approx(
-        eager.reports[0].seconds["history"], rel=1e-2)
+    (eager, eager_losses), (graph, graph_losses) = distilled_twice(
+        "2:4", "cuda", [epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph()])
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-2)
     for key, pair in eager.adapters.items():
         for a, b in zip(pair, graph.adapters[key]):
             assert float((b - a).norm()) <= 0.02 * float(a.norm()) + 1e-6, key

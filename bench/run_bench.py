@@ -172,8 +172,7 @@ def bench_model(path: str, a: argparse.Namespace, device: torch.device) -> dict:
         plus their own distillation's."""
         first = dataclasses.replace(cfg, tuned=dataclasses.replace(cfg.tuned, distill_epochs=0))
         if repr(first) not in blockwise:
-            state = timed(key, windows, first)
-            blockwise[repr(first)] = (state, out[key.replace("-", "_")])
+            blockwise[repr(first)] = (timed(key, windows, first), out[key.replace("-", "_")])
         state, seconds = copy.deepcopy(blockwise[repr(first)][0]), blockwise[repr(first)][1]
         if cfg.tuned.distill_epochs:
             lap = epts.stopwatch(device)
