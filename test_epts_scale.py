@@ -295,10 +295,10 @@ def distilled_twice(nm_train: str | None, device: str, steps: list
 
 
 def one_distill_step_gradients(state, model, cfg, window, setting, step) -> list[torch.Tensor]:
-    """The adapters' gradients after one `step` at `setting` (lr 0: nothing moves)."""
+    """The adapters' gradients after one `step` at `setting` (Adam at lr 0: nothing moves)."""
     with epts.elastic_model(model, copy.deepcopy(state), cfg, torch.Generator()) as layers:
         params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-        step(model, layers, window, setting, torch.optim.SGD(params, lr=0.0), 0.0)
+        step(model, layers, window, setting, torch.optim.Adam(params, lr=0.0), 0.0)
         return [p.grad for p in params]
 
 
@@ -323,15 +323,24 @@ def test_the_live_distillation_step_is_the_plain_step(nm_train):
 
 
 @needs_cuda
-def test_the_distillation_graph_trains_the_eager_steps_adapters():
-    """The CUDA graph replays the same step (bf16 autocast both ways): the same losses, and
-    adapters within 2% in norm (bf16 at Adam's lr 1e-2 can flip a single entry by one step)."""
-    (eager, eager_losses), (graph, graph_losses) = distilled_twice(
+def test_the_distillation_graph_replays_the_live_step():
+    """The CUDA graph replays the live step (bf16 autocast both ways): the same gradients in every
+    group and N:M, and the same losses over 2 epochs. Not the same adapters entry by entry: where a
+    gradient is near 0, Adam moves an entry by about lr on its sign, which bf16 rounding can flip."""
+    (_, eager_losses), (_, graph_losses) = distilled_twice(
         "2:4", "cuda", [epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph()])
     assert graph_losses == pytest.approx(eager_losses, rel=1e-2)
-    for key, pair in eager.adapters.items():
-        for a, b in zip(pair, graph.adapters[key]):
-            assert float((b - a).norm()) <= 0.02 * float(a.norm()) + 1e-6, key
+    model, window = tiny_model("llama"), some_windows(1, seed=6)
+    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train="2:4")
+    state = epts.optimize(model, some_windows(4, seed=5), cfg)
+    model, window = model.cuda(), window.cuda()
+    settings = [Setting(0.05 + 0.1 * k, k) for k in range(7)] + [Setting(0.5, 2, True)]
+    for setting in settings:
+        with torch.autocast("cuda", torch.bfloat16):
+            grads = [one_distill_step_gradients(state, model, cfg, window, setting, step)
+                     for step in (epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph())]
+        for a, b in zip(*grads):
+            assert float((b - a).norm()) <= 1e-2 * float(a.norm()) + 1e-6, setting
 
 
 # --------------------------------------------------------------------- 4. many processes (torchrun)
