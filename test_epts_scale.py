@@ -325,8 +325,8 @@ def test_the_live_distillation_step_is_the_plain_step(nm_train):
 @needs_cuda
 def test_the_distillation_graph_replays_the_live_step():
     """The CUDA graph replays the live step (bf16 autocast both ways): the same gradients in every
-    group and N:M, and the same losses over 2 epochs. Not the same adapters entry by entry: where a
-    gradient is near 0, Adam moves an entry by about lr on its sign, which bf16 rounding can flip."""
+    group and N:M, and the same losses over 2 epochs. Not the same adapters entry by entry: where
+    a gradient is near 0, Adam moves an entry by about lr on its sign, which bf16 can flip."""
     (_, eager_losses), (_, graph_losses) = distilled_twice(
         "2:4", "cuda", [epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph()])
     assert graph_losses == pytest.approx(eager_losses, rel=1e-2)
