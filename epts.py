@@ -1653,7 +1653,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the windows and every draw")
     p.add_argument("--nm-train", type=functools.partial(sparsity_arg, kinds="N:M"), metavar="N:M",
                    help="not in the paper: train the group holding N/M also on N:M masks (one "
-                        "more Phase-1 slice, ~1/7 more time), for deployment at N:M")
+                        "more Phase-1 slice, ~1/7 more time), for deployment at N:M; the "
+                        "table gets an N:M row after --sparsities")
     p.add_argument("--distill-epochs", type=int, default=0, help="with --recipe tuned (not in "
                    "the paper): epochs of end-to-end distillation of all adapters against the "
                    "dense model's next-token distribution, after the block-wise pass (0: off; "
@@ -1790,7 +1791,12 @@ def companion(args: argparse.Namespace):
 
 
 def targets_of(args: argparse.Namespace) -> list[float | str]:
-    return args.sparsities if args.pattern == "unstructured" else [args.pattern]
+    """The table's rows: --sparsities, then the N:M that --nm-train trained for; --pattern N:M
+    alone."""
+    if args.pattern != "unstructured":
+        return [args.pattern]
+    trained_nm = [args.nm_train] if args.nm_train and args.method == "epts" else []
+    return [*args.sparsities, *trained_nm]
 
 
 def check_sparsities(args: argparse.Namespace, groups: Sequence[tuple[float, float]],

@@ -851,6 +851,15 @@ def test_cli_optimizes_saves_loads_and_exports_a_plain_model(arch, tiny_dir, tmp
     assert printed.stdout.split() == ["True", str(len(lins))], printed.stderr  # floor(0.7 in)
 
 
+def test_cli_evaluates_the_nm_pattern_that_nm_train_trained_for(tiny_dir, tmp_path):
+    out = tmp_path / "nm.json"
+    assert run_cli(*cli(tiny_dir, "llama", "--epochs", 1, "--sparsities", 0.5, "--nm-train",
+                        "2:4", "--json-out", out))[0] == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["sparsity"] for r in rows] == [0.5, "2:4"]
+    assert rows[1]["achieved_sparsity"] == 0.5 and rows[1]["ppl"] != rows[0]["ppl"]
+
+
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
 def test_cli_prunes_with_a_baseline_to_the_asked_sparsity(method, tiny_dir, tmp_path):
     out = tmp_path / f"{method}.json"
