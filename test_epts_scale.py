@@ -302,6 +302,25 @@ def one_distill_step_gradients(state, model, cfg, window, setting, step) -> list
         return [p.grad for p in params]
 
 
+def gradients_in_every_group(nm_train: str | None, device: str, steps: tuple
+                             ) -> list[tuple[Setting, list[list[torch.Tensor]]]]:
+    """(setting, gradients of each step) at one s in every group and, with nm_train, at its N:M
+    slice (group 2): one tuned state and window, a fresh step from each factory in `steps` per
+    setting (a DistillGraph records once), bf16 autocast on CUDA."""
+    model, window = tiny_model("llama"), some_windows(1, seed=6)
+    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train)
+    state = epts.optimize(model, some_windows(4, seed=5), cfg)
+    model, window = model.to(device), window.to(device)
+    settings = [Setting(0.05 + 0.1 * k, k) for k in range(7)]
+    settings += [Setting(0.5, epts.group_of(0.5), True)] if nm_train else []
+    runs = []
+    for setting in settings:
+        with torch.autocast("cuda", torch.bfloat16, device == "cuda"):
+            runs.append((setting, [one_distill_step_gradients(state, model, cfg, window, setting,
+                                                              make()) for make in steps]))
+    return runs
+
+
 @pytest.mark.parametrize("nm_train", [None, "2:4"])
 def test_the_live_distillation_step_is_the_plain_step(nm_train):
     """DistillGraph's step reads its setting from a tensor (what lets one CUDA graph serve every
@@ -311,14 +330,9 @@ def test_the_live_distillation_step_is_the_plain_step(nm_train):
         nm_train, "cpu", [epts.distill_step, epts_scale.DistillGraph(graph=False)])
     assert_same_adapters(plain, live, rtol=1e-3, atol=1e-4)
     assert live_losses == pytest.approx(plain_losses, rel=1e-5)
-    model, window = tiny_model("llama"), some_windows(1, seed=6)
-    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train=nm_train)
-    state = epts.optimize(model, some_windows(4, seed=5), cfg)
-    settings = [Setting(0.05 + 0.1 * k, k) for k in range(7)]
-    for setting in settings + ([Setting(0.5, 6, True)] if nm_train else []):
-        grads = [one_distill_step_gradients(state, model, cfg, window, setting, step)
-                 for step in (epts.distill_step, epts_scale.DistillGraph(graph=False))]
-        for a, b in zip(*grads):
+    steps = (lambda: epts.distill_step, lambda: epts_scale.DistillGraph(graph=False))
+    for _, (plain_grads, live_grads) in gradients_in_every_group(nm_train, "cpu", steps):
+        for a, b in zip(plain_grads, live_grads):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
@@ -330,16 +344,9 @@ def test_the_distillation_graph_replays_the_live_step():
     (_, eager_losses), (_, graph_losses) = distilled_twice(
         "2:4", "cuda", [epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph()])
     assert graph_losses == pytest.approx(eager_losses, rel=1e-2)
-    model, window = tiny_model("llama"), some_windows(1, seed=6)
-    cfg = epts.recipe_config("tuned", rank=2, epochs=1, batch_size=2, nm_train="2:4")
-    state = epts.optimize(model, some_windows(4, seed=5), cfg)
-    model, window = model.cuda(), window.cuda()
-    settings = [Setting(0.05 + 0.1 * k, k) for k in range(7)] + [Setting(0.5, 2, True)]
-    for setting in settings:
-        with torch.autocast("cuda", torch.bfloat16):
-            grads = [one_distill_step_gradients(state, model, cfg, window, setting, step)
-                     for step in (epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph())]
-        for a, b in zip(*grads):
+    steps = (lambda: epts_scale.DistillGraph(graph=False), epts_scale.DistillGraph)
+    for setting, (eager_grads, graph_grads) in gradients_in_every_group("2:4", "cuda", steps):
+        for a, b in zip(eager_grads, graph_grads):
             assert float((b - a).norm()) <= 1e-2 * float(a.norm()) + 1e-6, setting
 
 
